@@ -1,0 +1,1 @@
+"""Pool documents: canary flat, canary node form and the CTest resource spec."""

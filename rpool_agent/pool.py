@@ -1,0 +1,127 @@
+"""The one in-memory pool model that every format reads into and writes from.
+
+A pool is a list of nodes (canary's node form); the flat canary form and the CTest spec
+are single-node views of it. Each resource type maps to instances with an `id`, a slot
+count and free-form `properties` (topology: NUMA node, hardware threads, GPU UUID...).
+
+Well-known instance properties (all optional; writers keep whatever else is there):
+- `numa_node` (int): the NUMA node the instance sits on; the allocator packs by it.
+- `threads` (list[int]): for cpus, the hardware CPU numbers (hyperthread siblings) the
+  instance stands for; without it the id is taken as the CPU number.
+- `index` (int), `uuid` (str), `name` (str), `memory_bytes` (int), `pci_bus_id` (str),
+  `vendor` (str): for gpus. A MIG device has its own `uuid` (`MIG-...`) and
+  `parent_index`/`parent_uuid`.
+
+This module does no I/O and imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import PoolFormatError
+
+#: CTest's rules (Help/manual/ctest.1.rst): type names and ids it accepts.
+TYPE_NAME_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
+INSTANCE_ID_RE = re.compile(r"^[a-z0-9_]+$")
+MAX_SLOTS = 4294967295
+
+
+@dataclass
+class Instance:
+    """One allocatable thing: a core, a GPU, a MIG device... with `slots` units of capacity."""
+
+    id: str
+    slots: int = 1
+    properties: dict[str, Any] = field(default_factory=dict)
+
+    def to_seed(self) -> dict[str, str | int]:
+        """The `{id, slots}` shape that canary and CTest use."""
+        return {"id": self.id, "slots": self.slots}
+
+
+@dataclass
+class Node:
+    """One machine's resources (this agent serves exactly one, but documents may hold more)."""
+
+    id: str
+    resources: dict[str, list[Instance]] = field(default_factory=dict)
+    additional_properties: dict[str, Any] = field(default_factory=dict)
+
+    def instance(self, rtype: str, rid: str) -> Instance | None:
+        for inst in self.resources.get(rtype, ()):
+            if inst.id == rid:
+                return inst
+        return None
+
+
+@dataclass
+class Pool:
+    """A resource pool: pool-wide properties plus one or more nodes."""
+
+    nodes: list[Node] = field(default_factory=list)
+    additional_properties: dict[str, Any] = field(default_factory=dict)
+
+    # --- construction -----------------------------------------------------------------
+
+    @classmethod
+    def single(
+        cls,
+        resources: dict[str, list[Instance]],
+        *,
+        node_id: str = "localhost",
+        additional_properties: dict[str, Any] | None = None,
+    ) -> Pool:
+        return cls(
+            nodes=[Node(id=node_id, resources=resources)],
+            additional_properties=dict(additional_properties or {}),
+        )
+
+    @classmethod
+    def from_counts(cls, counts: dict[str, int], *, node_id: str = "localhost") -> Pool:
+        """`{"gpus": 2}` -> ids "0".."N-1" with one slot each (the shorthand every form takes)."""
+        return cls.single(
+            {t: [Instance(str(i), 1) for i in range(n)] for t, n in counts.items()},
+            node_id=node_id,
+        )
+
+    # --- queries ----------------------------------------------------------------------
+
+    @property
+    def local(self) -> Node:
+        """The single node of a one-node pool (every pool this agent serves)."""
+        if len(self.nodes) != 1:
+            raise PoolFormatError(f"expected exactly one node, found {len(self.nodes)}")
+        return self.nodes[0]
+
+    @property
+    def types(self) -> list[str]:
+        return sorted({t for n in self.nodes for t in n.resources})
+
+    def instances(self, rtype: str) -> Iterator[tuple[Node, Instance]]:
+        for node in self.nodes:
+            for inst in node.resources.get(rtype, ()):
+                yield node, inst
+
+    def capacity(self, rtype: str) -> int:
+        """Configured slots of a type over all nodes."""
+        return sum(inst.slots for _, inst in self.instances(rtype))
+
+    def is_empty(self) -> bool:
+        return not any(inst.slots for n in self.nodes for v in n.resources.values() for inst in v)
+
+    def copy(self) -> Pool:
+        return copy.deepcopy(self)
+
+    def summary(self) -> str:
+        """One line: types, instances, slots (what `validate` prints)."""
+        parts = []
+        for t in self.types:
+            n = sum(1 for _ in self.instances(t))
+            parts.append(f"{t}: {n} instances, {self.capacity(t)} slots")
+        nodes = f"{len(self.nodes)} node{'s' if len(self.nodes) != 1 else ''}"
+        return f"{nodes}; " + ("; ".join(parts) if parts else "no resources")
