@@ -1,0 +1,163 @@
+"""The wire protocol, sans I/O: newline-delimited JSON frames, at most 64 KiB each.
+
+The server and the client both feed received bytes into a `FrameDecoder` and get whole
+messages back; they encode with `encode`. Nothing here touches a socket, so the codec is
+tested with bare calls and the same rules hold on both ends. docs/protocol.md is the
+reference for every operation and error code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import (
+    MessageTooLarge,
+    ProtocolError,
+    RpoolAgentError,
+    UnknownOperation,
+    VersionMismatch,
+)
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 64 * 1024
+
+#: Every operation, with the argument names it takes (anything else is refused).
+OPERATIONS: dict[str, frozenset[str]] = {
+    "hello": frozenset({"version", "client"}),
+    "acquire": frozenset({"request", "timeout", "label", "holder_pid", "files"}),
+    "release": frozenset({"lease"}),
+    "cancel": frozenset({"request_id"}),
+    "reclaim": frozenset({"lease", "token"}),
+    "status": frozenset(),
+    "pool": frozenset({"format"}),
+    "drain": frozenset({"resource", "reason"}),
+    "undrain": frozenset({"resource"}),
+    "reload": frozenset(),
+}
+
+_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_decode = json.JSONDecoder().decode
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    """One frame: compact JSON and a newline."""
+    return (_encoder.encode(message) + "\n").encode()
+
+
+class FrameDecoder:
+    """Splits a byte stream into JSON frames; bounded memory whatever the peer sends.
+
+    `feed` returns each complete frame as a decoded object, or as a `ProtocolError`
+    instance when that frame is not valid JSON (the connection can go on). A frame longer
+    than `limit` raises `MessageTooLarge`: the caller must close the connection, since the
+    stream can no longer be trusted to resynchronise.
+    """
+
+    __slots__ = ("_buf", "limit")
+
+    def __init__(self, limit: int = MAX_MESSAGE_BYTES) -> None:
+        self.limit = limit
+        self._buf = b""
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[Any]:
+        buf = self._buf + data if self._buf else data
+        if b"\n" not in buf:
+            if len(buf) > self.limit:
+                self._buf = b""
+                raise MessageTooLarge(f"message exceeds {self.limit} bytes")
+            self._buf = buf
+            return []
+        *lines, rest = buf.split(b"\n")
+        if len(rest) > self.limit:
+            self._buf = b""
+            raise MessageTooLarge(f"message exceeds {self.limit} bytes")
+        self._buf = rest
+        out: list[Any] = []
+        for line in lines:
+            if len(line) > self.limit:
+                raise MessageTooLarge(f"message exceeds {self.limit} bytes")
+            if line.strip():
+                out.append(decode_frame(line))
+        return out
+
+
+def decode_frame(line: bytes) -> Any:
+    try:
+        return _decode(line.decode())
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        detail = str(exc) if not isinstance(exc, RecursionError) else "nested too deeply"
+        return ProtocolError(f"malformed message: {detail[:200]}")
+
+
+@dataclass(frozen=True)
+class Call:
+    """A validated client request: `{"id": ..., "op": ..., **args}`."""
+
+    id: int | str | None
+    op: str
+    args: dict[str, Any]
+
+
+def parse_call(frame: Any) -> Call:
+    """Check a decoded frame's shape; raise a `ProtocolError` subclass naming the problem."""
+    if isinstance(frame, ProtocolError):
+        raise frame
+    if not isinstance(frame, dict):
+        raise ProtocolError("a message must be a JSON object")
+    rid = frame.get("id")
+    if rid is not None and (
+        isinstance(rid, bool) or not isinstance(rid, (int, str)) or len(str(rid)) > 64
+    ):
+        raise ProtocolError("'id' must be an integer or a short string")
+    op = frame.get("op")
+    if not isinstance(op, str):
+        raise _tagged(ProtocolError("'op' must be a string"), rid)
+    allowed = OPERATIONS.get(op)
+    if allowed is None:
+        raise _tagged(UnknownOperation(f"unknown operation {op[:40]!r}"), rid)
+    args = {k: v for k, v in frame.items() if k not in ("id", "op")}
+    extra = sorted(set(args) - allowed)
+    if extra:
+        raise _tagged(ProtocolError(f"{op}: unexpected field {extra[0][:40]!r}"), rid)
+    if op == "hello":
+        version = args.get("version")
+        if version != PROTOCOL_VERSION:
+            msg = f"protocol version {str(version)[:20]} not supported"
+            msg += f" (server speaks {PROTOCOL_VERSION})"
+            raise _tagged(VersionMismatch(msg), rid)
+    return Call(rid, op, args)
+
+
+def _tagged(exc: RpoolAgentError, rid: Any) -> RpoolAgentError:
+    exc.request_id = rid  # type: ignore[attr-defined]
+    return exc
+
+
+def request_id_of(exc: BaseException) -> Any:
+    """The id of the frame a `parse_call` error is about, so the reply can carry it."""
+    return getattr(exc, "request_id", None)
+
+
+def ok(rid: Any, result: Any = None) -> dict[str, Any]:
+    return {"id": rid, "ok": True, "result": result}
+
+
+def error(rid: Any, exc: RpoolAgentError) -> dict[str, Any]:
+    return {"id": rid, "ok": False, "error": {"code": exc.code, "message": str(exc)}}
+
+
+def raise_for_reply(reply: dict[str, Any]) -> Any:
+    """Client side: the result of an ok reply, or the typed exception the server meant."""
+    if reply.get("ok"):
+        return reply.get("result")
+    from .errors import error_for_code
+
+    err = reply.get("error") or {}
+    cls = error_for_code(str(err.get("code", "error")))
+    raise cls(str(err.get("message", "unknown error")))
