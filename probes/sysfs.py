@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import glob
 import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -42,6 +45,33 @@ class Root:
                 raise
             return default  # type: ignore[return-value]
 
+    def lines(self, rel: str) -> Iterator[str]:
+        """The file's lines, read lazily: a caller may stop early (`/proc/cpuinfo` is built
+        per CPU on each read, so reading only the first record is much cheaper). Empty if
+        the file cannot be opened."""
+        try:
+            f = open(self.join(rel), encoding="ascii", errors="replace")  # noqa: SIM115
+        except OSError:  # missing is a normal answer here; the `with` below closes it
+            return
+        with f:
+            yield from f
+
+    def read_int(self, rel: str) -> int | None:
+        """An integer file (`core_id`, `numa_node`...), or None if missing or not a number."""
+        text = self.read(rel, default=None)
+        try:
+            return int(text) if text is not None else None
+        except ValueError:
+            return None
+
+    def read_cpulist(self, rel: str) -> list[int] | None:
+        """A cpulist file (`0-3,8`), or None when missing or unparsable."""
+        return _parsed(self.read(rel, default=None), parse_cpulist)
+
+    def read_cpumask(self, rel: str) -> list[int] | None:
+        """A hex mask file (`thread_siblings`, `cpumap`), or None when missing or unparsable."""
+        return _parsed(self.read(rel, default=None), parse_cpumask)
+
     def exists(self, rel: str) -> bool:
         return self.join(rel).exists()
 
@@ -59,6 +89,56 @@ class Root:
 
     def __repr__(self) -> str:
         return f"Root({str(self.path)!r})"
+
+
+def _parsed(text: str | None, parse: Callable[[str], list[int]]) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return parse(text)
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One line of `/proc/self/mountinfo` (or `/proc/mounts`, which lacks `root`)."""
+
+    mountpoint: str
+    fstype: str
+    options: frozenset[str]  # mount and super-block options together ("cpuset", "rw"...)
+    root: str = "/"  # the part of the filesystem mounted there (a cgroup path for cgroupfs)
+
+
+def mounts(root: Root) -> list[Mount]:
+    """The mounts the process sees. `mountinfo` first because it says which cgroup is the
+    mount's root (inside a container that is not `/`); `mounts` as a fallback for trees
+    recorded without it."""
+    out: list[Mount] = []
+    for line in root.lines("proc/self/mountinfo"):
+        left, sep, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if not sep or len(fields) < 5 or len(tail) < 1:
+            continue
+        opts = set(fields[5].split(",")) if len(fields) > 5 else set()
+        opts.update(tail[2].split(",") if len(tail) > 2 else ())
+        out.append(Mount(_unescape(fields[4]), tail[0], frozenset(opts), _unescape(fields[3])))
+    if out:
+        return out
+    for rel in ("proc/self/mounts", "proc/mounts"):
+        for line in root.lines(rel):
+            fields = line.split()
+            if len(fields) >= 4:
+                opts = frozenset(fields[3].split(","))
+                out.append(Mount(_unescape(fields[1]), fields[2], opts))
+        if out:
+            break
+    return out
+
+
+def _unescape(field: str) -> str:
+    """The kernel writes space, tab, newline and backslash in mount paths as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def as_root(root: Root | str | os.PathLike[str] | None) -> Root:
