@@ -1,0 +1,414 @@
+"""NVIDIA GPUs: through NVML when the driver answers, else from the driver's /proc files.
+
+NVML (`pynvml`, which dlopens `libnvidia-ml.so.1`) is opened, read and shut down in one
+go: a process holding NVML open stops others from reconfiguring the GPU (MIG, persistence),
+so we never keep it. Every NVML call goes through one door, `_Nvml.get`, which turns an
+`NVMLError` into `None` (the field is absent); `NotSupported` is singled out only where it
+means something (MIG mode: a GPU without MIG runs with MIG off).
+
+Without NVML (no library, no driver, `nvmlInit` failing) the kernel driver still lists
+each GPU in `/proc/driver/nvidia/gpus/<bus id>/information`, as Slurm's `AutoDetect=nvidia`
+reads it. A recorded tree (`--sysroot`) is read only that way: NVML would describe the
+machine we run on, not the tree. See docs/gpus.md.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, fields, replace
+from types import ModuleType
+from typing import Any
+
+from .sysfs import Root, as_root, parse_cpulist, parse_cpumask
+
+LIBRARY = "libnvidia-ml.so.1"
+PROC_GPUS = "proc/driver/nvidia/gpus"
+PROC_VERSION = "proc/driver/nvidia/version"
+NVML_DEVICE_MIG_ENABLE = 1  # nvml.h; spelled out so the module needs no pynvml to import
+
+
+# --- data ------------------------------------------------------------------------------
+
+
+def _to_dict(obj: Any) -> dict[str, Any]:
+    """Fields as plain JSON values; `None` (absent) fields are left out, tuples become lists."""
+    out: dict[str, Any] = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if value is None:
+            continue
+        if isinstance(value, tuple):
+            value = [v.to_dict() if hasattr(v, "to_dict") else v for v in value]
+        out[f.name] = value
+    return out
+
+
+@dataclass(frozen=True)
+class MigDevice:
+    """One MIG device; `index` is its NVML slot under the parent (slots can be sparse)."""
+
+    index: int
+    uuid: str  # "MIG-..."; "" if NVML would not say
+    name: str | None
+    memory_bytes: int | None
+    gpu_instance_id: int | None
+    compute_instance_id: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """One physical GPU. `None` means NVML (or /proc) did not say: the field is absent."""
+
+    index: int  # NVML index (PCI bus order), also under the /proc fallback
+    uuid: str  # "GPU-..."; "" when unknown (driver has not initialised the GPU)
+    name: str | None
+    memory_bytes: int | None
+    pci_bus_id: str | None  # sysfs form "0000:3b:00.0", see normalize_bus_id
+    minor_number: int | None  # N of /dev/nvidiaN; can differ from index
+    numa_node: int | None
+    cpu_affinity: tuple[int, ...] | None  # CPUs close to the GPU
+    compute_capability: str | None  # "9.0"
+    mig_enabled: bool | None
+    mig_devices: tuple[MigDevice, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+
+@dataclass(frozen=True)
+class GpuReport:
+    gpus: tuple[Gpu, ...]
+    driver_version: str | None  # "550.54.15"
+    cuda_driver_version: str | None  # "12.4"
+    source: str  # "nvml" | "procfs" | "none"
+    problem: str | None  # one line for stderr: why no GPUs, or why the reading is partial
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+
+# --- pure parsers ----------------------------------------------------------------------
+
+_BUS_ID = re.compile(r"^(?:([0-9a-fA-F]+):)?([0-9a-fA-F]{1,2}):([0-9a-fA-F]{1,2})\.([0-7])$")
+
+
+def _bus_fields(text: str) -> tuple[int, int, int, int] | None:
+    m = _BUS_ID.match(text.strip())
+    if not m:
+        return None
+    domain, bus, dev, fn = m.groups()
+    return int(domain or "0", 16), int(bus, 16), int(dev, 16), int(fn, 16)
+
+
+def normalize_bus_id(text: str) -> str | None:
+    """NVML's "00000000:3B:00.0" -> "0000:3b:00.0", the name sysfs and /proc use.
+
+    One form everywhere, so a bus id from NVML finds its `/sys/bus/pci/devices` entry and
+    matches `lspci -D`; NVML's form is "0000" + upper case of this one again.
+    """
+    parts = _bus_fields(text)
+    if parts is None:
+        return None
+    domain, bus, dev, fn = parts
+    return f"{domain:04x}:{bus:02x}:{dev:02x}.{fn:x}"
+
+
+def parse_information(text: str) -> dict[str, str]:
+    """`/proc/driver/nvidia/gpus/*/information`: "Key:   value" lines -> {key: value}."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def parse_driver_version(text: str) -> str | None:
+    """First line of `/proc/driver/nvidia/version` -> "535.129.03".
+
+    Proprietary: "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.129.03  Tue Oct ...";
+    open modules: "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  535.129.03 ...".
+    """
+    first = text.splitlines()[0] if text else ""
+    m = re.search(r"Kernel Module(?: for \S+)?\s+(\d+(?:\.\d+)+)", first)
+    return m.group(1) if m else None
+
+
+def format_cuda_version(value: int) -> str:
+    """NVML's 12040 -> "12.4" (major * 1000 + minor * 10)."""
+    return f"{value // 1000}.{value % 1000 // 10}"
+
+
+def affinity_cpus(words: Any) -> tuple[int, ...]:
+    """NVML's cpuSet (64-bit words, CPU n = bit n % 64 of word n // 64) -> CPU numbers."""
+    cpus: list[int] = []
+    for i, word in enumerate(words):
+        cpus.extend(i * 64 + b for b in range(64) if int(word) >> b & 1)
+    return tuple(cpus)
+
+
+# --- sysfs -----------------------------------------------------------------------------
+
+
+def _sysfs_numa_node(root: Root, bus_id: str) -> int | None:
+    text = root.read(f"sys/bus/pci/devices/{bus_id}/numa_node", default=None)
+    try:
+        node = int(text) if text is not None else -1
+    except ValueError:
+        return None
+    return node if node >= 0 else None  # -1: the platform has no NUMA info for the slot
+
+
+def _sysfs_local_cpus(root: Root, bus_id: str) -> tuple[int, ...] | None:
+    base = f"sys/bus/pci/devices/{bus_id}"
+    try:
+        text = root.read(f"{base}/local_cpulist", default=None)
+        if text is not None:
+            return tuple(parse_cpulist(text)) or None
+        mask = root.read(f"{base}/local_cpus", default=None)  # old kernels: hex mask only
+        if mask is None:
+            return None
+        return tuple(parse_cpumask(mask)) or None
+    except ValueError:
+        return None
+
+
+def _cpu_words(root: Root) -> int:
+    """How many 64-bit words NVML needs to describe every possible CPU."""
+    text = root.read("sys/devices/system/cpu/possible", default=None)
+    try:
+        highest = max(parse_cpulist(text)) if text else (os.cpu_count() or 1) - 1
+    except ValueError:
+        highest = (os.cpu_count() or 1) - 1
+    return highest // 64 + 1
+
+
+# --- NVML ------------------------------------------------------------------------------
+
+
+class _Nvml:
+    """The one door to NVML: every call goes through `get`, so errors are handled once."""
+
+    def __init__(self, lib: ModuleType) -> None:
+        self.lib = lib
+        mismatch = getattr(lib, "NVMLLibraryMismatchError", lib.NVMLError)
+        self._errors: tuple[type[BaseException], ...] = (lib.NVMLError, mismatch)
+        self.last_error: str | None = None
+
+    def get(self, name: str, *args: Any, not_supported: Any = None) -> Any:
+        """`pynvml.<name>(*args)`, bytes decoded; any NVML error -> None (field absent).
+
+        A function this pynvml lacks is absent too (e.g. `nvmlDeviceGetNumaNodeId` arrived
+        late); `not_supported` is returned instead of None where NotSupported has a meaning.
+        """
+        fn = getattr(self.lib, name, None)
+        if fn is None:
+            self.last_error = f"{name}: not in this pynvml"
+            return None
+        try:
+            value = fn(*args)
+        except self.lib.NVMLError_NotSupported:
+            self.last_error = f"{name}: Not Supported"
+            return not_supported
+        except self._errors as err:
+            self.last_error = f"{name}: {err}"
+            return None
+        return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+    def first(self, names: tuple[str, ...], *args: Any) -> Any:
+        """The first of several versions of a call that answers (newest first)."""
+        for name in names:
+            value = self.get(name, *args)
+            if value is not None:
+                return value
+        return None
+
+
+def _pci_bus_id(pci: Any) -> str | None:
+    if pci is None:
+        return None
+    for attr in ("busId", "busIdLegacy"):
+        raw = getattr(pci, attr, b"")
+        text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+        bus_id = normalize_bus_id(text)
+        if bus_id:
+            return bus_id
+    return None
+
+
+def _read_migs(nv: _Nvml, handle: Any) -> tuple[MigDevice, ...]:
+    out: list[MigDevice] = []
+    for slot in range(nv.get("nvmlDeviceGetMaxMigDeviceCount", handle) or 0):
+        mig = nv.get("nvmlDeviceGetMigDeviceHandleByIndex", handle, slot)
+        if mig is None:  # NOT_FOUND: nothing configured in this slot
+            continue
+        memory = nv.get("nvmlDeviceGetMemoryInfo", mig)
+        out.append(
+            MigDevice(
+                index=slot,
+                uuid=nv.get("nvmlDeviceGetUUID", mig) or "",
+                name=nv.get("nvmlDeviceGetName", mig),
+                memory_bytes=memory.total if memory is not None else None,
+                gpu_instance_id=nv.get("nvmlDeviceGetGpuInstanceId", mig),
+                compute_instance_id=nv.get("nvmlDeviceGetComputeInstanceId", mig),
+            )
+        )
+    return tuple(out)
+
+
+def _read_gpu(nv: _Nvml, index: int, root: Root, words: int) -> Gpu | None:
+    handle = nv.get("nvmlDeviceGetHandleByIndex", index)
+    if handle is None:
+        return None
+    bus_id = _pci_bus_id(nv.first(("nvmlDeviceGetPciInfo_v3", "nvmlDeviceGetPciInfo"), handle))
+
+    numa = nv.get("nvmlDeviceGetNumaNodeId", handle)
+    if numa is None or numa < 0:  # NVML answers only where GPUs are NUMA nodes (GH200)
+        numa = _sysfs_numa_node(root, bus_id) if bus_id else None
+
+    words_out = nv.get("nvmlDeviceGetCpuAffinity", handle, words)
+    cpus = affinity_cpus(words_out) if words_out is not None else ()
+    if not cpus and bus_id:
+        cpus = _sysfs_local_cpus(root, bus_id) or ()
+
+    cc = nv.get("nvmlDeviceGetCudaComputeCapability", handle)
+    memory = nv.get("nvmlDeviceGetMemoryInfo", handle)
+    # A GPU that cannot do MIG (NotSupported) runs with MIG off; other errors: unknown.
+    mode = nv.get("nvmlDeviceGetMigMode", handle, not_supported=(0, 0))
+    mig_enabled = None if mode is None else mode[0] == NVML_DEVICE_MIG_ENABLE
+    return Gpu(
+        index=index,
+        uuid=nv.get("nvmlDeviceGetUUID", handle) or "",
+        name=nv.get("nvmlDeviceGetName", handle),
+        memory_bytes=memory.total if memory is not None else None,
+        pci_bus_id=bus_id,
+        minor_number=nv.get("nvmlDeviceGetMinorNumber", handle),
+        numa_node=numa,
+        cpu_affinity=cpus or None,
+        compute_capability=f"{cc[0]}.{cc[1]}" if cc is not None else None,
+        mig_enabled=mig_enabled,
+        mig_devices=_read_migs(nv, handle) if mig_enabled else (),
+    )
+
+
+def _init_problem(lib: ModuleType, err: BaseException) -> str:
+    if isinstance(err, lib.NVMLError_LibraryNotFound):
+        return f"no NVIDIA GPUs: NVML library {LIBRARY} not found"
+    return f"no NVIDIA GPUs: nvmlInit failed: {err}"
+
+
+def _probe_nvml(root: Root) -> tuple[GpuReport | None, str | None]:
+    """(report, None) when NVML answered, else (None, why not)."""
+    # pynvml's own first step, done by hand: importing pynvml costs 10-50 ms, dlopen
+    # failing costs well under one, and most nodes a CI pool runs on have no NVIDIA driver.
+    import ctypes
+
+    try:
+        ctypes.CDLL(LIBRARY)
+    except OSError as err:
+        return None, f"no NVIDIA GPUs: cannot load NVML ({err})"
+    try:
+        import pynvml  # only here, never at module import
+    except ImportError:
+        return None, "no NVIDIA GPUs: pynvml (nvidia-ml-py) is not installed"
+    try:
+        pynvml.nvmlInit()
+    except (pynvml.NVMLError, OSError) as err:
+        return None, _init_problem(pynvml, err)
+    nv = _Nvml(pynvml)
+    try:
+        count = nv.get("nvmlDeviceGetCount")
+        if count is None:
+            return None, f"no NVIDIA GPUs: {nv.last_error}"
+        words = _cpu_words(root)
+        gpus: list[Gpu] = []
+        skipped: list[str] = []
+        for index in range(count):
+            gpu = _read_gpu(nv, index, root, words)
+            if gpu is None:
+                skipped.append(f"GPU {index} skipped ({nv.last_error})")
+            else:
+                gpus.append(gpu)
+        cuda = nv.first(("nvmlSystemGetCudaDriverVersion_v2", "nvmlSystemGetCudaDriverVersion"))
+        report = GpuReport(
+            gpus=tuple(gpus),
+            driver_version=nv.get("nvmlSystemGetDriverVersion"),
+            cuda_driver_version=format_cuda_version(cuda) if cuda else None,
+            source="nvml",
+            problem="; ".join(skipped) or None,
+        )
+        return report, None
+    finally:
+        nv.get("nvmlShutdown")
+
+
+# --- /proc fallback --------------------------------------------------------------------
+
+
+def _read_procfs(root: Root) -> tuple[Gpu, ...]:
+    """GPUs from the driver's /proc files, indexed in PCI bus order as NVML numbers them."""
+    found: list[tuple[tuple[int, int, int, int], Gpu]] = []
+    for entry in root.listdir(PROC_GPUS):
+        text = root.read(f"{PROC_GPUS}/{entry}/information", default=None)
+        if text is None:
+            continue
+        info = parse_information(text)
+        if info.get("GPU Excluded", "No").lower().startswith("yes"):
+            continue  # NVML does not enumerate excluded GPUs either
+        bus_id = normalize_bus_id(info.get("Bus Location", "")) or normalize_bus_id(entry)
+        key = _bus_fields(bus_id) if bus_id else None
+        if bus_id is None or key is None:
+            continue
+        uuid = info.get("GPU UUID", "")
+        minor = info.get("Device Minor", "")
+        gpu = Gpu(
+            index=-1,
+            uuid="" if "?" in uuid else uuid,  # "GPU-????????-..." until the GPU is initialised
+            name=info.get("Model") or None,
+            memory_bytes=None,
+            pci_bus_id=bus_id,
+            minor_number=int(minor) if minor.isdigit() else None,
+            numa_node=_sysfs_numa_node(root, bus_id),
+            cpu_affinity=_sysfs_local_cpus(root, bus_id),
+            compute_capability=None,
+            mig_enabled=None,
+            mig_devices=(),
+        )
+        found.append((key, gpu))
+    found.sort(key=lambda kv: kv[0])
+    return tuple(replace(gpu, index=i) for i, (_, gpu) in enumerate(found))
+
+
+# --- entry point -----------------------------------------------------------------------
+
+
+def probe_gpus(root: Root | str = "/", *, nvml: bool | None = None) -> GpuReport:
+    """Every NVIDIA GPU under `root`; never raises for a missing library or driver.
+
+    `nvml=None` uses NVML only on the live root. `nvml=True` forces it with another root
+    (tests: the fake NVML for the GPUs, a recorded tree for sysfs facts).
+    """
+    root = as_root(root)
+    use_nvml = root.is_live if nvml is None else nvml
+    why: str | None = None
+    if use_nvml:
+        report, why = _probe_nvml(root)
+        if report is not None:
+            return report
+    gpus = _read_procfs(root)
+    version = root.read(PROC_VERSION, default=None)
+    driver = parse_driver_version(version) if version else None
+    if gpus:
+        if why is not None:
+            why += (
+                f"; read {len(gpus)} GPU(s) from /{PROC_GPUS} instead"
+                " (no memory, compute capability or MIG)"
+            )
+        return GpuReport(gpus, driver, None, "procfs", why)
+    if why is None:
+        why = f"no NVIDIA GPUs: no {PROC_GPUS}/*/information under {root.path}"
+    return GpuReport((), driver, None, "none", why)
