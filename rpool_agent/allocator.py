@@ -1,0 +1,1065 @@
+"""The lease state machine: who holds which slots, who waits, and who is served next.
+
+Pure and synchronous, like h11: the server feeds it inputs (a request, a release, a
+closed connection, the clock) and writes out the events it returns. No I/O, no clock
+(`now` is a parameter), no randomness (lease ids come from a callable the server passes).
+An input the machine refuses raises a typed error and changes nothing.
+
+Allocation is CTest's plan-then-commit: `place` is a pure planner that reads free
+capacity and returns a placement or None (all or nothing); `Allocator._commit` applies a
+placement and cannot fail. Placement rules (docs/allocation.md):
+
+- one NUMA node when any node can hold every NUMA-bound unit; when GPUs are asked for,
+  nodes are ranked by their free GPUs first (the GPUs' node decides where the CPUs go);
+- otherwise as few nodes as possible: the GPUs spread first (a node that holds all that
+  is left, best fit, else the node with the most free), then the other types fill the
+  nodes already chosen before opening new ones;
+- inside a node, canary's best fit: each unit (largest first) takes the instance with
+  the fewest free slots that fit, pool order on ties.
+
+The search is greedy and bounded: O(nodes * (nodes + units)) per request, never
+CTest's backtracking (whose worst case is n!). With 1-slot instances (cores, whole GPUs)
+greedy is exact; with multi-slot instances a request that fits only by backtracking is
+treated as not fitting. The satisfiability check runs the same planner on the whole
+(empty) pool, so whatever is accepted into the queue is placed once its types are free.
+
+Queue: first come, first served with safe backfill. The walk over waiters keeps a set of
+blocked types (types of earlier waiters still waiting); a waiter touching a blocked type
+is skipped and its types join the set, so nothing later ever takes what an earlier
+waiter needs, and the head of the queue is granted as soon as its types are free.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from bisect import bisect_left, insort
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any, Union
+
+from .errors import (
+    ConfigError,
+    NotOwner,
+    PoolFormatError,
+    RequestError,
+    ResourceUnavailable,
+    RpoolAgentError,
+    Timeout,
+    UnknownLease,
+    UnknownResourceType,
+    Unsatisfiable,
+)
+from .pool import Pool
+from .requests import Request, Unit, parse_request
+
+#: Who holds a lease: ("conn", n) for a connection, ("pid", pid, starttime) for a process.
+OwnerKey = Hashable
+#: A NUMA node number, or None for "no numa_node property" (one group of its own).
+NodeKey = Union[int, None]  # noqa: UP007 - a runtime alias; `int | None` needs 3.10+ at runtime
+
+#: Cached satisfiability answers, cleared when the pool changes; bounded against clients
+#: that send endless distinct requests.
+_SAT_CACHE_MAX = 4096
+
+
+# --- values ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Slots of one instance given out by a lease."""
+
+    type: str
+    id: str
+    slots: int
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A grant: per request group, per unit (request order), the slice serving it.
+
+    `held` is the same slots summed per instance, in pool order within each type; the
+    allocator fills it in, and it defaults to first-appearance order when built by hand.
+    """
+
+    id: str
+    owner: OwnerKey
+    request: Request
+    groups: tuple[tuple[Slice, ...], ...]
+    label: str | None = None
+    holder: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    granted_at: float = 0.0
+    held: tuple[Slice, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "holder", dict(self.holder or {}))
+        if not self.held and any(self.groups):
+            summed: dict[tuple[str, str], int] = {}
+            for g in self.groups:
+                for s in g:
+                    summed[s.type, s.id] = summed.get((s.type, s.id), 0) + s.slots
+            held = tuple(Slice(t, i, n) for (t, i), n in summed.items())
+            object.__setattr__(self, "held", held)
+
+    def resources(self) -> dict[str, list[dict[str, Any]]]:
+        """The seed shape `{type: [{"id", "slots"}]}`: slots summed per id, pool order."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for s in self.held:
+            out.setdefault(s.type, []).append({"id": s.id, "slots": s.slots})
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able record for the durable state file (`from_dict` reads it back)."""
+        return {
+            "id": self.id,
+            "owner": _jsonable(self.owner),
+            "request": self.request.to_wire(),
+            "groups": [[[s.type, s.id, s.slots] for s in g] for g in self.groups],
+            "resources": self.resources(),
+            "label": self.label,
+            "holder": dict(self.holder),
+            "granted_at": self.granted_at,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Lease:
+        """Read a `to_dict` record; raise ConfigError (a ValueError) if it is malformed."""
+        try:
+            return cls._from_dict(d)
+        except ConfigError:
+            raise
+        except (RpoolAgentError, KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"bad lease record: {exc}") from None
+
+    @classmethod
+    def _from_dict(cls, d: Any) -> Lease:
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"bad lease record: expected an object, not {type(d).__name__}")
+        lid = d["id"]
+        if not isinstance(lid, str) or not lid:
+            raise ConfigError("bad lease record: 'id' must be a non-empty string")
+        request = parse_request(d["request"])
+        groups = tuple(tuple(_slice(x) for x in g) for g in d["groups"])
+        if [len(g) for g in groups] != [len(g) for g in request.groups] or any(
+            s.type != u.type or s.slots != u.slots
+            for g, rg in zip(groups, request.groups, strict=False)
+            for s, u in zip(g, rg, strict=False)
+        ):
+            raise ConfigError(f"bad lease record {lid!r}: groups do not match the request")
+        held = tuple(
+            _slice([t, e["id"], e["slots"]]) for t, lst in d["resources"].items() for e in lst
+        )
+        label = d.get("label")
+        holder = d.get("holder") or {}
+        granted_at = d.get("granted_at", 0.0)
+        if label is not None and not isinstance(label, str):
+            raise ConfigError(f"bad lease record {lid!r}: 'label' must be a string")
+        if not isinstance(holder, Mapping):
+            raise ConfigError(f"bad lease record {lid!r}: 'holder' must be an object")
+        if not isinstance(granted_at, (int, float)) or isinstance(granted_at, bool):
+            raise ConfigError(f"bad lease record {lid!r}: 'granted_at' must be a number")
+        return cls(
+            id=lid,
+            owner=_hashable(d["owner"]),
+            request=request,
+            groups=groups,
+            label=label,
+            holder=holder,
+            granted_at=float(granted_at),
+            held=held,
+        )
+
+
+def _slice(x: Any) -> Slice:
+    t, i, n = x
+    if not isinstance(t, str) or not isinstance(i, str):
+        raise ConfigError("bad lease record: slice type and id must be strings")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ConfigError("bad lease record: slice slots must be a whole number >= 0")
+    return Slice(t, i, n)
+
+
+def _jsonable(x: Any) -> Any:
+    return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _hashable(x: Any) -> Any:
+    return tuple(_hashable(v) for v in x) if isinstance(x, list) else x
+
+
+# --- events ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Granted:
+    owner: OwnerKey
+    req_id: Any
+    lease: Lease
+
+
+@dataclass(frozen=True)
+class Queued:
+    owner: OwnerKey
+    req_id: Any
+    position: int  # 1 = next in line
+
+
+@dataclass(frozen=True)
+class Denied:
+    owner: OwnerKey
+    req_id: Any
+    error: RpoolAgentError
+
+
+@dataclass(frozen=True)
+class Released:
+    owner: OwnerKey
+    lease_id: str
+
+
+@dataclass(frozen=True)
+class Reaped:
+    owner: OwnerKey
+    lease_ids: tuple[str, ...]
+
+
+Event = Union[Granted, Queued, Denied, Released, Reaped]  # noqa: UP007 - runtime alias
+
+
+# --- free-slot bookkeeping ---------------------------------------------------------------
+
+
+def _node_rank(node: NodeKey) -> tuple[int, int]:
+    return (1, 0) if node is None else (0, node)
+
+
+class FreeIndex:
+    """Free slots of one resource type, bucketed per NUMA node and per free amount.
+
+    Best fit asks for "the instance with the fewest free slots >= k, first in pool
+    order"; with buckets that is a walk up from bucket k, not a scan of every instance,
+    and per-node totals answer "can this node hold it" in O(1). Positions are pool order.
+    """
+
+    __slots__ = ("_buckets", "_keys", "free", "node_of", "nodes", "topological", "totals")
+
+    def __init__(self, nodes: Iterable[NodeKey]) -> None:
+        self.nodes: list[NodeKey] = sorted(set(nodes), key=_node_rank)
+        self.topological = any(n is not None for n in self.nodes)
+        self.totals: dict[NodeKey, int] = dict.fromkeys(self.nodes, 0)
+        self._buckets: dict[NodeKey, dict[int, list[int]]] = {n: {} for n in self.nodes}
+        self._keys: dict[NodeKey, list[int]] = {n: [] for n in self.nodes}
+        self.free: dict[int, int] = {}
+        self.node_of: dict[int, NodeKey] = {}
+
+    def add(self, pos: int, node: NodeKey, free: int) -> None:
+        bucket = self._buckets[node]
+        members = bucket.get(free)
+        if members is None:
+            bucket[free] = [pos]
+            insort(self._keys[node], free)
+        else:
+            insort(members, pos)
+        self.free[pos] = free
+        self.node_of[pos] = node
+        self.totals[node] += free
+
+    def discard(self, pos: int) -> None:
+        free = self.free.pop(pos, None)
+        if free is None:
+            return
+        node = self.node_of.pop(pos)
+        bucket = self._buckets[node]
+        members = bucket[free]
+        del members[bisect_left(members, pos)]
+        if not members:
+            del bucket[free]
+            keys = self._keys[node]
+            del keys[bisect_left(keys, free)]
+        self.totals[node] -= free
+
+    def set(self, pos: int, free: int) -> None:
+        if self.free.get(pos) != free:
+            node = self.node_of[pos]
+            self.discard(pos)
+            self.add(pos, node, free)
+
+    def scan(self, node: NodeKey, k: int) -> Iterator[tuple[int, int]]:
+        """(free, pos) of a node's instances with free >= k: fewest free, then pool order."""
+        keys = self._keys.get(node)
+        if not keys:
+            return
+        bucket = self._buckets[node]
+        for f in keys[bisect_left(keys, k) :]:
+            for pos in bucket[f]:
+                yield f, pos
+
+
+# --- the planner -------------------------------------------------------------------------
+
+#: Per type: (slots, unit index), largest first, request order among equals (stable sort).
+_Units = list[tuple[int, int]]
+
+
+def place(
+    units: list[Unit], views: Mapping[str, FreeIndex], distinct: bool = False
+) -> list[int] | None:
+    """Where each unit goes (a pool-order position per unit, request order), or None.
+
+    Pure: reads `views` (one FreeIndex per type, which must hold every unit's type) and
+    changes nothing. All or nothing: None unless every unit has a place.
+    """
+    by_type: dict[str, _Units] = {}
+    for i, u in enumerate(units):
+        by_type.setdefault(u.type, []).append((u.slots, i))
+    for lst in by_type.values():
+        lst.sort(key=lambda x: -x[0])
+    out = [-1] * len(units)
+    numa: list[str] = []
+    for rtype, lst in by_type.items():
+        view = views[rtype]
+        if view.topological:
+            numa.append(rtype)
+            continue
+        got, left = _fill(view, None, lst, {}, distinct)
+        if left:
+            return None
+        for i, pos in got:
+            out[i] = pos
+    if numa:
+        placed = _place_numa(numa, by_type, views, distinct)
+        if placed is None:
+            return None
+        for i, pos in placed:
+            out[i] = pos
+    return out
+
+
+def _place_numa(
+    types: list[str], by_type: dict[str, _Units], views: Mapping[str, FreeIndex], distinct: bool
+) -> list[tuple[int, int]] | None:
+    if "gpus" in types:  # the GPUs' node decides
+        types = ["gpus"] + [t for t in types if t != "gpus"]
+    anchor, others = types[0], types[1:]
+    need = {t: sum(s for s, _ in by_type[t]) for t in types}
+    nodes = sorted({n for t in types for n in views[t].nodes}, key=_node_rank)
+
+    # 1. one node holds everything: best fit (fewest free anchor slots, then others)
+    def single_key(n: NodeKey) -> tuple[int, int, tuple[int, int]]:
+        rest = sum(views[t].totals.get(n, 0) for t in others)
+        return (views[anchor].totals.get(n, 0), rest, _node_rank(n))
+
+    fits = [n for n in nodes if all(views[t].totals.get(n, 0) >= need[t] for t in types)]
+    for n in sorted(fits, key=single_key):
+        got: list[tuple[int, int]] = []
+        for t in types:
+            g, left = _fill(views[t], n, by_type[t], {}, distinct)
+            if left:
+                break
+            got.extend(g)
+        else:
+            return got
+
+    # 2. spread over as few nodes as possible; later types fill the chosen nodes first
+    chosen: list[NodeKey] = []
+    placed: list[tuple[int, int]] = []
+    for t in types:
+        view, taken, rest = views[t], {}, by_type[t]
+        for n in chosen:
+            if not rest:
+                break
+            g, rest = _fill(view, n, rest, taken, distinct)
+            placed.extend(g)
+        tried = set(chosen)
+        while rest:
+            options = [n for n in view.nodes if n not in tried]
+            if not options:
+                return None
+            want = sum(s for s, _ in rest)
+            pick: NodeKey | str = "none"
+            whole = sorted(
+                (n for n in options if view.totals[n] >= want),
+                key=lambda n: (view.totals[n], _node_rank(n)),
+            )
+            for n in whole:
+                trial = dict(taken)
+                g, left = _fill(view, n, rest, trial, distinct)
+                if not left:
+                    pick, taken, rest = n, trial, left
+                    placed.extend(g)
+                    break
+            if pick == "none":
+                pick = min(options, key=lambda n: (-view.totals[n], _node_rank(n)))
+                g, rest = _fill(view, pick, rest, taken, distinct)
+                placed.extend(g)
+            tried.add(pick)
+            if pick not in chosen:
+                chosen.append(pick)
+    return placed
+
+
+def _fill(
+    view: FreeIndex, node: NodeKey, units: _Units, taken: dict[int, int], distinct: bool
+) -> tuple[list[tuple[int, int]], _Units]:
+    """Best-fit `units` (largest first) into one node; returns (placed, left over).
+
+    `taken` (pos -> slots this request already put there) is updated. Units of equal
+    size are handed out in one walk up the buckets: after an instance takes a unit its
+    free count is below every instance not yet visited, so best fit would pick it again
+    until it is too small; taking `free // k` at once is the same choice, in fewer steps.
+    """
+    placed: list[tuple[int, int]] = []
+    left: _Units = []
+    i, n = 0, len(units)
+    while i < n:
+        k = units[i][0]
+        j = i
+        while j < n and units[j][0] == k:
+            j += 1
+        got = i
+        for free, pos in _candidates(view, node, k, taken, distinct):
+            if distinct:
+                m = 1
+            elif k == 0:
+                m = j - got
+            else:
+                m = min(free // k, j - got)
+            for x in range(got, got + m):
+                placed.append((units[x][1], pos))
+            got += m
+            taken[pos] = taken.get(pos, 0) + k * m
+            if got == j:
+                break
+        left.extend(units[got:j])
+        i = j
+    return placed, left
+
+
+def _candidates(
+    view: FreeIndex, node: NodeKey, k: int, taken: dict[int, int], distinct: bool
+) -> Iterator[tuple[int, int]]:
+    stream = view.scan(node, k)
+    if not taken:
+        return stream
+    base = ((f, p) for f, p in stream if p not in taken)
+    if distinct:  # an instance this request already uses is out
+        return base
+    adjusted = sorted(
+        (view.free[p] - t, p)
+        for p, t in taken.items()
+        if view.node_of.get(p, "x") == node and view.free[p] - t >= k
+    )
+    return heapq.merge(base, adjusted) if adjusted else base
+
+
+# --- the state machine -------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Inst:
+    type: str
+    id: str
+    pos: int
+    slots: int
+    node: NodeKey
+    used: int = 0
+    live: bool = True
+
+
+class _Table:
+    """One resource type: its instances in pool order, free and whole-pool indexes."""
+
+    def __init__(self, rtype: str, insts: list[_Inst]) -> None:
+        self.type = rtype
+        self.insts = insts  # live, pool order
+        self.by_id: dict[str, _Inst] = {i.id: i for i in insts}  # live and vanished
+        nodes = [i.node for i in insts]
+        self.free = FreeIndex(nodes)
+        self.cap = FreeIndex(nodes)  # every live instance empty: "could it ever fit?"
+        for i in insts:
+            self.cap.add(i.pos, i.node, i.slots)
+
+    def vanished(self, rid: str, used: int) -> _Inst:
+        inst = _Inst(self.type, rid, len(self.insts) + len(self.by_id), 0, None, used, False)
+        self.by_id[rid] = inst
+        return inst
+
+
+@dataclass(eq=False)
+class _Waiter:
+    seq: int
+    owner: OwnerKey
+    req_id: Any
+    request: Request
+    types: frozenset[str]
+    since: float
+    deadline: float | None
+    label: str | None
+    holder: dict[str, Any]
+
+
+class Allocator:
+    """Leases, waiters and free slots of one pool; see the module docstring for the rules.
+
+    Every method that may grant returns the events to deliver, in order. Methods that
+    have no `now` in the lead's API accept it as an optional keyword; without it the
+    latest `now` seen stands in (it only stamps `granted_at`).
+    """
+
+    def __init__(self, pool: Pool, *, new_lease_id: Callable[[], str]) -> None:
+        self._new_lease_id = new_lease_id
+        self._pool = pool
+        self._tables = _build_tables(pool)
+        self._known: tuple[str, ...] = tuple(self._tables)
+        self._leases: dict[str, Lease] = {}
+        self._owner_leases: dict[OwnerKey, dict[str, None]] = {}
+        self._queue: dict[int, _Waiter] = {}
+        self._waiter_seq: dict[tuple[OwnerKey, Any], int] = {}
+        self._owner_waiters: dict[OwnerKey, dict[int, None]] = {}
+        self._waiting_types: dict[str, int] = {}
+        self._deadlines: list[tuple[float, int]] = []
+        self._drained: dict[tuple[str, str], str] = {}
+        self._sat: dict[Request, Unsatisfiable | None] = {}
+        self._seq = 0
+        self._now = 0.0
+        for table in self._tables.values():
+            self._rebuild_free(table)
+
+    # --- read-only views ------------------------------------------------------------------
+
+    @property
+    def leases(self) -> Mapping[str, Lease]:
+        return MappingProxyType(self._leases)
+
+    @property
+    def pool(self) -> Pool:
+        return self._pool
+
+    @property
+    def drained(self) -> Mapping[tuple[str, str], str]:
+        """(type, id) -> reason, for every drained instance."""
+        return MappingProxyType(self._drained)
+
+    def waiting(self) -> list[tuple[OwnerKey, Any]]:
+        """(owner, req_id) of every waiter, first in line first."""
+        return [(w.owner, w.req_id) for w in self._queue.values()]
+
+    def plan(self, request: Request) -> tuple[tuple[Slice, ...], ...] | None:
+        """Where `request` would go right now, ignoring the queue (None: not free now)."""
+        request = self._normalize(request)
+        positions = self._place(request)
+        return None if positions is None else self._slices(request, positions)
+
+    # --- inputs ---------------------------------------------------------------------------
+
+    def submit(
+        self,
+        owner: OwnerKey,
+        req_id: Any,
+        request: Request,
+        *,
+        now: float,
+        timeout: float | None,
+        label: str | None = None,
+        holder: Mapping[str, Any] | None = None,
+    ) -> list[Event]:
+        """Grant now, queue, or deny. `timeout` None waits forever, 0 never waits.
+
+        Raises RequestError (state unchanged) for a bad timeout or a `req_id` the same
+        owner already has waiting.
+        """
+        _check_hashable(req_id, "request id")
+        if (owner, req_id) in self._waiter_seq:
+            raise RequestError(f"request id {req_id!r} is already waiting")
+        deadline = _deadline(now, timeout)
+        self._now = now
+        try:
+            request = self._normalize(request)
+        except UnknownResourceType as exc:
+            return [Denied(owner, req_id, exc)]
+        types = request.types()
+        if not any(t in self._waiting_types for t in types):  # nobody earlier needs these
+            positions = self._place(request)
+            if positions is not None:
+                lease = self._commit(owner, request, positions, now, label, holder)
+                return [Granted(owner, req_id, lease)]
+        never = self._unsatisfiable(request)
+        if never is not None:
+            return [Denied(owner, req_id, never)]
+        if deadline is not None and deadline <= now:
+            why = f"{request} is not available now"
+            if any(t in self._waiting_types for t in types):
+                why += " (earlier requests wait for it)"
+            return [Denied(owner, req_id, ResourceUnavailable(why))]
+        self._seq += 1
+        w = _Waiter(
+            self._seq, owner, req_id, request, types, now, deadline, label, dict(holder or {})
+        )
+        self._queue[w.seq] = w
+        self._waiter_seq[owner, req_id] = w.seq
+        self._owner_waiters.setdefault(owner, {})[w.seq] = None
+        for t in types:
+            self._waiting_types[t] = self._waiting_types.get(t, 0) + 1
+        if deadline is not None:
+            heapq.heappush(self._deadlines, (deadline, w.seq))
+        return [Queued(owner, req_id, len(self._queue))]
+
+    def release(self, owner: OwnerKey, lease_id: str, *, now: float | None = None) -> list[Event]:
+        """End a lease: [Released, Granted...]. UnknownLease / NotOwner change nothing."""
+        lease = self._leases.get(lease_id) if isinstance(lease_id, str) else None
+        if lease is None:
+            raise UnknownLease(f"no lease {lease_id!r}")
+        if lease.owner != owner:
+            raise NotOwner(f"lease {lease_id!r} belongs to another client")
+        self._remove_lease(lease)
+        return [Released(owner, lease_id), *self._retry(now)]
+
+    def cancel(self, owner: OwnerKey, req_id: Any, *, now: float | None = None) -> list[Event]:
+        """Drop a waiter (no event for it; [] if it is not waiting), then grant others."""
+        try:
+            seq = self._waiter_seq.get((owner, req_id))
+        except TypeError:  # unhashable req_id: nothing can be waiting under it
+            return []
+        if seq is None:
+            return []
+        self._drop_waiter(self._queue[seq])
+        return self._retry(now)
+
+    def disconnect(self, owner: OwnerKey, *, now: float | None = None) -> list[Event]:
+        """The owner is gone (EOF, process exit): drop its waiters, reap its leases."""
+        events: list[Event] = []
+        seqs = list(self._owner_waiters.get(owner, ()))
+        for seq in seqs:
+            self._drop_waiter(self._queue[seq])
+        lease_ids = tuple(self._owner_leases.get(owner, ()))
+        for lid in lease_ids:
+            self._remove_lease(self._leases[lid])
+        if lease_ids:
+            events.append(Reaped(owner, lease_ids))
+        if seqs or lease_ids:
+            events.extend(self._retry(now))
+        return events
+
+    def expire(self, now: float) -> list[Event]:
+        """Deny every waiter whose deadline is <= now (Timeout), then grant others."""
+        self._now = now
+        events: list[Event] = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            deadline, seq = heapq.heappop(self._deadlines)
+            w = self._queue.get(seq)
+            if w is None or w.deadline != deadline:
+                continue
+            self._drop_waiter(w)
+            waited = deadline - w.since
+            err = Timeout(f"{w.request} was not granted within {waited:g} s")
+            events.append(Denied(w.owner, w.req_id, err))
+        if events:
+            events.extend(self._retry(now))
+        return events
+
+    def next_deadline(self) -> float | None:
+        """When `expire` next has something to do (None: no waiter has a deadline)."""
+        heap = self._deadlines
+        while heap and heap[0][1] not in self._queue:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    def rebind(self, lease_id: str, new_owner: OwnerKey) -> None:
+        """Give a lease to a new owner (a reconnecting client, a pidfd binding)."""
+        lease = self._leases.get(lease_id) if isinstance(lease_id, str) else None
+        if lease is None:
+            raise UnknownLease(f"no lease {lease_id!r}")
+        old = self._owner_leases[lease.owner]
+        del old[lease_id]
+        if not old:
+            del self._owner_leases[lease.owner]
+        self._leases[lease_id] = replace(lease, owner=new_owner)
+        self._owner_leases.setdefault(new_owner, {})[lease_id] = None
+
+    def adopt(self, lease: Lease) -> None:
+        """Hold a lease restored from the state file, as it was granted.
+
+        Instances the pool no longer has are kept as vanished (held, never granted
+        again); an instance whose slots shrank may end up over-committed until released.
+        Raises RequestError (state unchanged) if the id is already held.
+        """
+        if lease.id in self._leases:
+            raise RequestError(f"lease {lease.id!r} is already held")
+        for s in lease.held:
+            table = self._tables.get(s.type)
+            if table is None:
+                table = self._tables[s.type] = _Table(s.type, [])
+            inst = table.by_id.get(s.id) or table.vanished(s.id, 0)
+            inst.used += s.slots
+            self._refresh(table, inst)
+        self._leases[lease.id] = lease
+        self._owner_leases.setdefault(lease.owner, {})[lease.id] = None
+
+    def set_pool(self, pool: Pool, *, now: float | None = None) -> list[Event]:
+        """Switch to a new pool (reload): leases stay; waiters re-checked, then served.
+
+        Leases on instances that vanished stay held (`stale` in the snapshot) until
+        released, but nothing new is granted from them. Waiters whose request the new
+        pool can never satisfy are Denied. A malformed pool raises PoolFormatError and
+        changes nothing.
+        """
+        tables = _build_tables(pool)
+        for old in self._tables.values():
+            for inst in old.by_id.values():
+                if inst.used:
+                    table = tables.get(old.type)
+                    if table is None:
+                        table = tables[old.type] = _Table(old.type, [])
+                    new = table.by_id.get(inst.id)
+                    if new is None:
+                        table.vanished(inst.id, inst.used)
+                    else:
+                        new.used = inst.used
+        self._pool, self._tables, self._known = pool, tables, tuple(_build_order(pool))
+        self._sat.clear()
+        for table in tables.values():
+            self._rebuild_free(table)
+        events: list[Event] = []
+        for w in list(self._queue.values()):
+            err: RpoolAgentError | None
+            try:
+                self._check_types(w.request)
+                err = self._unsatisfiable(w.request)
+            except UnknownResourceType as exc:
+                err = exc
+            if err is not None:
+                self._drop_waiter(w)
+                events.append(Denied(w.owner, w.req_id, err))
+        events.extend(self._retry(now))
+        return events
+
+    def drain(self, rtype: str, rid: str, reason: str = "") -> None:
+        """Grant nothing new from one instance; its current leases run on."""
+        table, inst = self._instance(rtype, rid)
+        self._drained[table.type, inst.id] = reason
+        table.free.discard(inst.pos)
+
+    def undrain(self, rtype: str, rid: str, *, now: float | None = None) -> list[Event]:
+        """Grant from a drained instance again; [] if it was not drained."""
+        if not isinstance(rtype, str) or not isinstance(rid, str):
+            raise UnknownResourceType(f"the pool has no instance {rtype}:{rid}")
+        key = (self._type_name(rtype), rid)
+        if key not in self._drained:
+            self._instance(rtype, rid)  # raises if there is no such instance
+            return []
+        del self._drained[key]
+        table = self._tables.get(key[0])
+        inst = table.by_id.get(rid) if table else None
+        if table is None or inst is None or not inst.live:
+            return []
+        self._refresh(table, inst)
+        return self._retry(now)
+
+    # --- status ---------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-able status.
+
+        Per type: `total` (slots of live instances), `used` (held on live instances),
+        `free` (grantable now), `drained` (free slots withheld by drains), `stale` (held
+        on vanished instances). Without over-commitment total == used + free + drained.
+        """
+        types: dict[str, dict[str, int]] = {}
+        vanished: list[dict[str, Any]] = []
+        for rtype, table in self._tables.items():
+            drained = sum(
+                max(0, i.slots - i.used) for i in table.insts if (rtype, i.id) in self._drained
+            )
+            stale = 0
+            for inst in table.by_id.values():
+                if not inst.live:
+                    stale += inst.used
+                    vanished.append({"type": rtype, "id": inst.id, "held": inst.used})
+            if rtype not in self._known and not stale:
+                continue
+            types[rtype] = {
+                "total": sum(i.slots for i in table.insts),
+                "free": sum(table.free.totals.values()),
+                "used": sum(i.used for i in table.insts),
+                "drained": drained,
+                "stale": stale,
+            }
+        leases = []
+        for lease in self._leases.values():
+            stale_lease = any(not self._tables[s.type].by_id[s.id].live for s in lease.held)
+            leases.append(
+                {
+                    "id": lease.id,
+                    "owner": repr(lease.owner),
+                    "label": lease.label,
+                    "holder": dict(lease.holder),
+                    "granted_at": lease.granted_at,
+                    "resources": lease.resources(),
+                    "stale": stale_lease,
+                }
+            )
+        waiters = [
+            {
+                "owner": repr(w.owner),
+                "req_id": w.req_id,
+                "request": w.request.to_wire(),
+                "since": w.since,
+                "deadline": w.deadline,
+                "label": w.label,
+                "position": n,
+            }
+            for n, w in enumerate(self._queue.values(), 1)
+        ]
+        drained_list = [{"type": t, "id": i, "reason": r} for (t, i), r in self._drained.items()]
+        return {
+            "types": types,
+            "leases": leases,
+            "waiters": waiters,
+            "drained": drained_list,
+            "vanished": vanished,
+        }
+
+    # --- internals: requests -------------------------------------------------------------
+
+    def _type_name(self, rtype: str) -> str:
+        """canary's singular names: "gpu" means "gpus" when the pool has only "gpus"."""
+        if rtype in self._known or rtype + "s" not in self._known:
+            return rtype
+        return rtype + "s"
+
+    def _normalize(self, request: Request) -> Request:
+        names = {t: self._type_name(t) for t in request.types()}
+        self._check_types(request, names)
+        if all(k == v for k, v in names.items()):
+            return request
+        groups = tuple(tuple(Unit(names[u.type], u.slots) for u in g) for g in request.groups)
+        return Request(groups, distinct=request.distinct)
+
+    def _check_types(self, request: Request, names: Mapping[str, str] | None = None) -> None:
+        unknown = sorted(
+            t for t in request.types() if (names[t] if names else t) not in self._known
+        )
+        if unknown:
+            have = ", ".join(self._known) or "nothing"
+            raise UnknownResourceType(
+                f"unknown resource type {unknown[0]!r} (the pool has: {have})"
+            )
+
+    def _place(self, request: Request) -> list[int] | None:
+        views = {t: self._tables[t].free for t in request.types()}
+        return place(request.units(), views, request.distinct)
+
+    def _unsatisfiable(self, request: Request) -> Unsatisfiable | None:
+        """Unsatisfiable if the planner cannot place `request` even in the empty pool."""
+        if request in self._sat:
+            return self._sat[request]
+        views = {t: self._tables[t].cap for t in request.types()}
+        err = None
+        if place(request.units(), views, request.distinct) is None:
+            err = Unsatisfiable(f"{request} can never be granted: {self._why(request)}")
+        if len(self._sat) >= _SAT_CACHE_MAX:
+            self._sat.clear()
+        self._sat[request] = err
+        return err
+
+    def _why(self, request: Request) -> str:
+        for rtype, need in request.totals().items():
+            insts = self._tables[rtype].insts
+            have = sum(i.slots for i in insts)
+            if need > have:
+                return f"{need} {rtype} slots asked for, the pool has {have}"
+            count = sum(1 for u in request.units() if u.type == rtype)
+            if request.distinct and count > len(insts):
+                return f"{count} different {rtype} asked for, the pool has {len(insts)}"
+            biggest = max((u.slots for u in request.units() if u.type == rtype), default=0)
+            largest = max((i.slots for i in insts), default=0)
+            if biggest > largest:
+                return f"a unit of {biggest} {rtype} slots, the largest instance has {largest}"
+        return "no placement of its units fits the pool"
+
+    def _slices(self, request: Request, positions: list[int]) -> tuple[tuple[Slice, ...], ...]:
+        it = iter(positions)
+        return tuple(
+            tuple(Slice(u.type, self._tables[u.type].insts[next(it)].id, u.slots) for u in g)
+            for g in request.groups
+        )
+
+    # --- internals: commit and release (cannot fail) -------------------------------------
+
+    def _commit(
+        self,
+        owner: OwnerKey,
+        request: Request,
+        positions: list[int],
+        now: float,
+        label: str | None,
+        holder: Mapping[str, Any] | None,
+    ) -> Lease:
+        lease_id = self._fresh_id()  # the only step that may raise: before any change
+        summed: dict[tuple[str, int], int] = {}
+        for u, pos in zip(request.units(), positions, strict=True):
+            summed[u.type, pos] = summed.get((u.type, pos), 0) + u.slots
+        order = {t: n for n, t in enumerate(dict.fromkeys(u.type for u in request.units()))}
+        held = []
+        for (rtype, pos), slots in sorted(summed.items(), key=lambda x: (order[x[0][0]], x[0][1])):
+            table = self._tables[rtype]
+            inst = table.insts[pos]
+            inst.used += slots
+            self._refresh(table, inst)
+            held.append(Slice(rtype, inst.id, slots))
+        lease = Lease(
+            id=lease_id,
+            owner=owner,
+            request=request,
+            groups=self._slices(request, positions),
+            label=label,
+            holder=holder or {},
+            granted_at=now,
+            held=tuple(held),
+        )
+        self._leases[lease_id] = lease
+        self._owner_leases.setdefault(owner, {})[lease_id] = None
+        return lease
+
+    def _fresh_id(self) -> str:
+        for _ in range(100):
+            lid = self._new_lease_id()
+            if not isinstance(lid, str) or not lid:
+                raise TypeError("new_lease_id must return a non-empty str")
+            if lid not in self._leases:
+                return lid
+        raise RuntimeError("new_lease_id keeps returning ids already in use")
+
+    def _remove_lease(self, lease: Lease) -> None:
+        del self._leases[lease.id]
+        mine = self._owner_leases[lease.owner]
+        del mine[lease.id]
+        if not mine:
+            del self._owner_leases[lease.owner]
+        for s in lease.held:
+            table = self._tables[s.type]
+            inst = table.by_id[s.id]
+            inst.used -= s.slots
+            if inst.live:
+                self._refresh(table, inst)
+            elif inst.used <= 0:
+                del table.by_id[s.id]
+
+    def _refresh(self, table: _Table, inst: _Inst) -> None:
+        if inst.live and (table.type, inst.id) not in self._drained:
+            table.free.set(inst.pos, max(0, inst.slots - inst.used))
+
+    def _rebuild_free(self, table: _Table) -> None:
+        for inst in table.insts:
+            if (table.type, inst.id) not in self._drained:
+                table.free.add(inst.pos, inst.node, max(0, inst.slots - inst.used))
+
+    # --- internals: the queue ------------------------------------------------------------
+
+    def _drop_waiter(self, w: _Waiter) -> None:
+        del self._queue[w.seq]
+        del self._waiter_seq[w.owner, w.req_id]
+        mine = self._owner_waiters[w.owner]
+        del mine[w.seq]
+        if not mine:
+            del self._owner_waiters[w.owner]
+        for t in w.types:
+            n = self._waiting_types[t] - 1
+            if n:
+                self._waiting_types[t] = n
+            else:
+                del self._waiting_types[t]
+        # stale deadline entries are skipped lazily; rebuild if they pile up
+        if len(self._deadlines) > 2 * len(self._queue) + 64:
+            self._deadlines = [(d, s) for d, s in self._deadlines if s in self._queue]
+            heapq.heapify(self._deadlines)
+
+    def _retry(self, now: float | None) -> list[Event]:
+        """Walk the queue in order and grant what may be granted (safe backfill)."""
+        if not self._queue:
+            return []
+        if now is not None:
+            self._now = now
+        events: list[Event] = []
+        granted: list[_Waiter] = []
+        blocked: set[str] = set()
+        waiting = self._waiting_types
+        for w in self._queue.values():
+            if blocked and not blocked.isdisjoint(w.types):
+                blocked |= w.types
+            else:
+                positions = self._place(w.request)
+                if positions is None:
+                    blocked |= w.types
+                else:
+                    lease = self._commit(
+                        w.owner, w.request, positions, self._now, w.label, w.holder
+                    )
+                    events.append(Granted(w.owner, w.req_id, lease))
+                    granted.append(w)
+                    for t in w.types:  # its types are no longer waited for (by it)
+                        waiting[t] -= 1
+                    continue
+            if blocked.issuperset(t for t, n in waiting.items() if n > 0):
+                break
+        for w in granted:
+            for t in w.types:
+                waiting[t] += 1
+            self._drop_waiter(w)
+        return events
+
+    # --- internals: instances -------------------------------------------------------------
+
+    def _instance(self, rtype: str, rid: str) -> tuple[_Table, _Inst]:
+        name = self._type_name(rtype) if isinstance(rtype, str) else rtype
+        table = self._tables.get(name) if isinstance(name, str) else None
+        inst = table.by_id.get(rid) if table is not None and isinstance(rid, str) else None
+        if table is None or inst is None or not inst.live:
+            raise UnknownResourceType(f"the pool has no instance {rtype}:{rid}")
+        return table, inst
+
+
+def _build_order(pool: Pool) -> list[str]:
+    return list(dict.fromkeys(t for n in pool.nodes for t in n.resources))
+
+
+def _build_tables(pool: Pool) -> dict[str, _Table]:
+    """Instance tables per type, in pool order; PoolFormatError on what cannot be served."""
+    tables: dict[str, _Table] = {}
+    for rtype in _build_order(pool):
+        insts: list[_Inst] = []
+        seen: set[str] = set()
+        for _, inst in pool.instances(rtype):
+            if not isinstance(inst.id, str) or inst.id in seen:
+                raise PoolFormatError(f"duplicate or bad {rtype} id {inst.id!r}")
+            if not isinstance(inst.slots, int) or isinstance(inst.slots, bool) or inst.slots < 0:
+                raise PoolFormatError(f"{rtype} {inst.id!r}: slots must be a whole number >= 0")
+            seen.add(inst.id)
+            numa = inst.properties.get("numa_node")
+            node = numa if isinstance(numa, int) and not isinstance(numa, bool) else None
+            if node is not None and node < 0:  # sysfs says -1 for "no NUMA information"
+                node = None
+            insts.append(_Inst(rtype, inst.id, len(insts), inst.slots, node))
+        tables[rtype] = _Table(rtype, insts)
+    return tables
+
+
+def _deadline(now: float, timeout: float | None) -> float | None:
+    if timeout is None:
+        return None
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or math.isnan(timeout):
+        raise RequestError(f"timeout must be a number of seconds or null, not {timeout!r}")
+    if timeout < 0:
+        raise RequestError(f"timeout must be >= 0, not {timeout:g}")
+    if math.isinf(timeout):
+        return None
+    return now + timeout
+
+
+def _check_hashable(value: Any, what: str) -> None:
+    try:
+        hash(value)
+    except TypeError:
+        raise RequestError(f"{what} must be a string or a number") from None
