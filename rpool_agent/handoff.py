@@ -169,23 +169,18 @@ def leased_cpus(doc: Mapping[str, Any]) -> list[int]:
 
 
 def request_form(doc: Mapping[str, Any]) -> str:
-    """How the lease was asked for: "ctest" (RESOURCE_GROUPS), "items" or "mapping".
+    """ "groups" if the lease was asked for as groups of units, "mapping" for `{type: n}`.
 
-    The wire request is a RESOURCE_GROUPS string, canary's item list or a `{type: n}`
-    mapping; a mapping may also say its form (`{"form": "ctest", ...}`).
+    On the wire (`requests.Request.to_wire`) a RESOURCE_GROUPS request and canary's item
+    list are the same thing, a list (one group flat, several as a list of lists); only the
+    `{type: n}` form (`--gpus N`) is a mapping. A raw RESOURCE_GROUPS string counts as groups.
     """
     req = doc.get("request")
     if isinstance(req, Mapping):
-        form = req.get("form") or req.get("kind")
-        if isinstance(form, str):
-            return "ctest" if form in ("ctest", "groups", "resource_groups") else form
-        return "ctest" if "groups" in req or "resource_groups" in req else "mapping"
-    if isinstance(req, str):
-        text = req.strip()
-        if text.startswith("["):
-            return "items"
-        return "mapping" if text.startswith("{") else "ctest"
-    return "items" if isinstance(req, list) else "mapping"
+        return "mapping"
+    if isinstance(req, str) and req.strip().startswith("{"):
+        return "mapping"
+    return "groups" if isinstance(req, (list, tuple, str)) else "mapping"
 
 
 # --- lease-local ids ------------------------------------------------------------------------
@@ -276,7 +271,7 @@ def lease_env(
 
     `base_env` is copied, never changed. Stale `CTEST_RESOURCE_GROUP_*` and per-lease file
     variables are dropped; CTest group variables are set only when the lease was asked
-    for as RESOURCE_GROUPS (docs/handoff.md says why).
+    for as groups (RESOURCE_GROUPS or canary items), not as `{type: n}` (docs/handoff.md).
     """
     env = {
         k: v
@@ -299,7 +294,7 @@ def lease_env(
     cpu_slots = sum(_slots(doc, "cpus").values())
     if cpu_slots:
         env["OMP_NUM_THREADS"] = str(cpu_slots)
-    if request_form(doc) == "ctest":
+    if request_form(doc) == "groups":
         env.update(ctest_group_env(doc))
     if files is not None:
         env["RPOOL_CTEST_SPEC_FILE"] = files.ctest_spec

@@ -34,6 +34,7 @@ from rpool_agent.handoff import (
     substitute_args,
     write_lease_files,
 )
+from rpool_agent.requests import parse_request
 
 TOKEN = "s3cret-token-never-exported"
 UUID1 = "GPU-11111111-2222-3333-4444-555555555555"
@@ -157,14 +158,14 @@ def test_leased_cpus_include_hyperthread_siblings_sorted() -> None:
 @pytest.mark.parametrize(
     ("request_", "form"),
     [
-        ("2,gpus:1;cpus:4", "ctest"),
-        ("gpus:1", "ctest"),
-        ([{"type": "gpus", "slots": 1}], "items"),
-        ('[{"type": "gpus", "slots": 1}]', "items"),
+        # requests.Request.to_wire(): lists for groups, a mapping for {type: n}
+        ([[{"type": "gpus", "slots": 1}], [{"type": "gpus", "slots": 1}]], "groups"),
+        ([{"type": "gpus", "slots": 1}, {"type": "cpus", "slots": 4}], "groups"),
+        ([], "groups"),  # `0,gpus:1`: no group at all
+        ("2,gpus:1;cpus:4", "groups"),  # a raw RESOURCE_GROUPS string
         ({"gpus": 2, "cpus": 4}, "mapping"),
         ('{"gpus": 2}', "mapping"),
-        ({"form": "ctest", "groups": []}, "ctest"),
-        ({"resource_groups": "gpus:1"}, "ctest"),
+        (None, "mapping"),
     ],
 )
 def test_request_form(request_: Any, form: str) -> None:
@@ -254,7 +255,7 @@ def test_ctest_groups_match_ctests_format() -> None:
             [unit("gpus", "2")],
             [unit("cpus", "0", 2), unit("gpus", "0")],
         ],
-        request="2,gpus:1;cpus:2,gpus:1",
+        request=parse_request("2,gpus:1;cpus:2,gpus:1").to_wire(),
     )
     env = lease_env(doc, {"CTEST_RESOURCE_GROUP_9_GPUS": "stale"})
     groups = {k: v for k, v in env.items() if k.startswith("CTEST_RESOURCE_GROUP_")}
@@ -270,8 +271,19 @@ def test_ctest_groups_match_ctests_format() -> None:
     }
 
 
+def test_canary_items_are_one_group_with_lease_local_ids() -> None:
+    doc = copy.deepcopy(GPU_LEASE)
+    doc["request"] = parse_request([{"type": "gpus", "slots": 1}] * 2).to_wire()
+    env = lease_env(doc, {})
+    assert env["CTEST_RESOURCE_GROUP_COUNT"] == "1"
+    assert env["CTEST_RESOURCE_GROUP_0"] == "cpus,gpus"
+    assert env["CTEST_RESOURCE_GROUP_0_GPUS"] == "id:0,slots:1;id:1,slots:1"
+    assert env["CTEST_RESOURCE_GROUP_0_CPUS"] == "id:0,slots:1;id:2,slots:1"
+
+
 def test_ctest_group_with_zero_groups_sets_count_zero() -> None:
-    doc = lease(groups=[], request="0,gpus:1")
+    doc = lease(groups=[], request=parse_request("0,gpus:1").to_wire())
+    assert lease_env(doc, {})["CTEST_RESOURCE_GROUP_COUNT"] == "0"
     assert ctest_group_env(doc) == {"CTEST_RESOURCE_GROUP_COUNT": "0"}
 
 
@@ -371,7 +383,7 @@ def test_group_variables_are_byte_identical_to_ctests_own(
                 group.append(unit(rtype, rid, int(slots)))
         units.append(group)
     assert len(units) == count
-    ours = ctest_group_env({**spec, "groups": units, "request": groups})
+    ours = ctest_group_env({**spec, "groups": units, "request": parse_request(groups).to_wire()})
     assert ours == theirs
     if len(gpus) == 1:
         assert theirs["CTEST_RESOURCE_GROUP_0_GPUS"] == "id:0,slots:1;id:0,slots:1"
