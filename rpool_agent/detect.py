@@ -1,0 +1,205 @@
+"""Probes -> the pool this node offers, and the topology report behind `--format json`.
+
+The pool holds only what this process may use: one `cpus` instance per usable physical
+core (or per usable logical CPU with `hyperthreads`), named by its lowest usable CPU
+number, and one `gpus` instance per GPU, named by its NVML index (CTest accepts neither
+UUIDs nor bus ids as ids). With `mig`, a MIG-enabled GPU is replaced by its MIG devices,
+named `<gpu index>_<mig index>`. Topology rides along in instance properties and in the
+pool's `additional_properties`, where every canary version ignores what it does not know.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
+from .errors import ConfigError, ProbeError
+from .pool import MAX_SLOTS, Instance, Pool
+
+if TYPE_CHECKING:
+    from .probes.cpu import CpuTopology
+    from .probes.numa import NumaTopology
+    from .probes.nvidia import Gpu, GpuReport
+    from .probes.sysfs import Root
+
+
+def detect_pool(
+    root: str | os.PathLike[str] = "/",
+    *,
+    hyperthreads: bool = False,
+    slots_per_gpu: int = 1,
+    mig: bool = False,
+    gpu_report: GpuReport | None = None,
+) -> Pool:
+    """Probe `root` (the live `/` or a recorded tree) and build the pool it offers.
+
+    `gpu_report` skips the GPU probe (the CLI passes the one whose `problem` it prints).
+    Raises ProbeError when the root holds no usable CPU, ConfigError for bad slot counts.
+    """
+    if not 1 <= slots_per_gpu <= MAX_SLOTS:
+        raise ConfigError(f"slots per GPU must be 1..{MAX_SLOTS}, not {slots_per_gpu}")
+    r = _root(root)
+    cpu, numa = _probe_cpu_numa(r)
+    report = gpu_report if gpu_report is not None else _probe_gpus(r)
+    cpus = _cpu_instances(cpu, numa, hyperthreads)
+    gpus = [g for gpu in report.gpus for g in _gpu_instances(gpu, slots_per_gpu, mig)]
+    # The host name is the node id: the flat form writes it as `additional_properties.host`
+    # (a key it reserves for the node id), the node form as the node's `id`.
+    props = {"agent_version": __version__, "numa": _numa_summary(cpu, numa, gpus)}
+    return Pool.single(
+        {"cpus": cpus, "gpus": gpus}, node_id=hostname(r), additional_properties=props
+    )
+
+
+def topology_report(
+    root: str | os.PathLike[str] = "/", *, gpu_report: GpuReport | None = None
+) -> dict[str, Any]:
+    """Every probe field plus the counts tools compare with hwloc (JSON-ready).
+
+    Counts of the online machine: packages, numa_nodes, cores, pus, offline_pus,
+    pus_per_numa (node-id order); of what this process may use: allowed_pus,
+    allowed_cores, allowed_cpulist, allowed_nodelist (nodes holding a usable CPU); gpus.
+    """
+    from .probes.sysfs import format_cpulist
+
+    r = _root(root)
+    cpu, numa = _probe_cpu_numa(r)
+    report = gpu_report if gpu_report is not None else _probe_gpus(r)
+    online, usable = set(cpu.online), set(cpu.usable)
+    return {
+        "host": hostname(r),
+        "agent_version": __version__,
+        "packages": len(cpu.packages),
+        "numa_nodes": len(numa.nodes),
+        "cores": len(cpu.cores),
+        "pus": len(cpu.online),
+        "offline_pus": len(cpu.offline),
+        "pus_per_numa": [len(online.intersection(n.cpus)) for n in numa.nodes],
+        "allowed_pus": len(cpu.usable),
+        "allowed_cores": len(cpu.usable_cores()),
+        "allowed_cpulist": format_cpulist(cpu.usable),
+        "allowed_nodelist": format_cpulist([n.id for n in numa.nodes if usable & set(n.cpus)]),
+        "gpus": len(report.gpus),
+        "cpu": _jsonable(asdict(cpu)),
+        "numa": _jsonable(asdict(numa)),
+        "nvidia": report.to_dict(),
+    }
+
+
+def hostname(root: Root) -> str:
+    """The live node name, or the one recorded in the tree (`localhost` if none is)."""
+    if root.is_live:
+        return os.uname().nodename
+    name = root.read("proc/sys/kernel/hostname", default=None) or root.read(
+        "etc/hostname", default=None
+    )
+    return name or "localhost"
+
+
+# --- building blocks ------------------------------------------------------------------------
+
+
+def _root(root: str | os.PathLike[str]) -> Root:
+    from .probes.sysfs import Root
+
+    if not Path(root).is_dir():
+        raise ProbeError(f"system root {str(root)!r} is not a directory")
+    return Root(root)
+
+
+def _probe_cpu_numa(r: Root) -> tuple[CpuTopology, NumaTopology]:
+    from .probes.cpu import probe_cpus
+    from .probes.numa import probe_numa
+
+    cpu = probe_cpus(r)
+    if not cpu.online:
+        raise ProbeError(f"no CPUs found under {r.path} (not a /sys + /proc tree?)")
+    if not cpu.usable:
+        where = f" (cpuset {cpu.cpuset.file})" if cpu.cpuset else ""
+        raise ProbeError(f"none of the online CPUs under {r.path} is usable{where}")
+    return cpu, probe_numa(r, cpu.online)
+
+
+def _probe_gpus(r: Root) -> GpuReport:
+    from .probes.nvidia import probe_gpus
+
+    return probe_gpus(r)
+
+
+def _cpu_instances(cpu: CpuTopology, numa: NumaTopology, hyperthreads: bool) -> list[Instance]:
+    groups = [(c,) for c in cpu.usable] if hyperthreads else cpu.usable_cores()
+    out = []
+    for threads in groups:
+        props: dict[str, Any] = {"threads": list(threads)}
+        node = numa.node_of(threads[0])
+        if node is not None:
+            props["numa_node"] = node
+        out.append(Instance(str(threads[0]), 1, props))
+    return out
+
+
+def _gpu_instances(gpu: Gpu, slots: int, mig: bool) -> list[Instance]:
+    base = {"numa_node": gpu.numa_node, "vendor": "NVIDIA"}  # canary_nvidia reads vendor
+    if mig and gpu.mig_enabled:
+        return [
+            Instance(
+                f"{gpu.index}_{m.index}",
+                slots,
+                _present(
+                    uuid=m.uuid or None,
+                    parent_index=gpu.index,
+                    parent_uuid=gpu.uuid or None,
+                    memory_bytes=m.memory_bytes,
+                    name=m.name,
+                    gpu_instance_id=m.gpu_instance_id,
+                    compute_instance_id=m.compute_instance_id,
+                    **base,
+                ),
+            )
+            for m in gpu.mig_devices
+        ]
+    props = _present(
+        index=gpu.index,
+        uuid=gpu.uuid or None,
+        name=gpu.name,
+        memory_bytes=gpu.memory_bytes,
+        pci_bus_id=gpu.pci_bus_id,
+        minor_number=gpu.minor_number,
+        compute_capability=gpu.compute_capability,
+        **base,
+    )
+    return [Instance(str(gpu.index), slots, props)]
+
+
+def _present(**fields: Any) -> dict[str, Any]:
+    """Fields a device does not report are absent, not null ("" is an unknown UUID)."""
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def _numa_summary(
+    cpu: CpuTopology, numa: NumaTopology, gpus: list[Instance]
+) -> dict[str, dict[str, Any]]:
+    """Per node (string keys, for JSON): usable CPU numbers, pool GPU ids, memory."""
+    usable = set(cpu.usable)
+    out: dict[str, dict[str, Any]] = {}
+    for node in numa.nodes:
+        entry: dict[str, Any] = {
+            "cpus": [c for c in node.cpus if c in usable],
+            "gpus": [g.id for g in gpus if g.properties.get("numa_node") == node.id],
+        }
+        if node.memory_bytes is not None:
+            entry["memory_bytes"] = node.memory_bytes
+        out[str(node.id)] = entry
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    """Tuples -> lists, all the way down (asdict keeps tuples; JSON and YAML want lists)."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
