@@ -46,6 +46,74 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 # --- commands (one section each; keep bodies thin, logic lives in the library) ---------
 
+# --- hardware: detect ---------------------------------------------------------------------
+
+_DETECT_FORMATS = ("canary", "canary-nodes", "ctest", "json")
+
+
+@app.command()
+def detect(
+    form: str = typer.Option(
+        "canary",
+        "--format",
+        "-f",
+        help="canary (flat YAML), canary-nodes, ctest (resource spec JSON) or json (topology).",
+    ),
+    hyperthreads: bool = typer.Option(
+        False, "--hyperthreads", help="One cpu per hardware thread, not per core."
+    ),
+    slots_per_gpu: int = typer.Option(1, "--slots-per-gpu", min=1, help="Slots per GPU."),
+    mig: bool = typer.Option(False, "--mig", help="MIG devices replace their parent GPU."),
+    sysroot: str = typer.Option(
+        "/", "--sysroot", help="Probe a recorded /sys + /proc tree instead of this machine."
+    ),
+    output: str | None = typer.Option(None, "--output", "-o", help="Write here, not stdout."),
+) -> None:
+    """Probe CPUs, NUMA nodes and NVIDIA GPUs; print the pool this process may use."""
+    from .detect import detect_pool, topology_report
+    from .probes.nvidia import probe_gpus
+
+    if form not in _DETECT_FORMATS:
+        raise fail(f"--format must be one of {', '.join(_DETECT_FORMATS)}, not {form!r}", 2)
+    gpus = probe_gpus(sysroot)
+    if form == "json":
+        import json
+
+        text = json.dumps(topology_report(sysroot, gpu_report=gpus), indent=2) + "\n"
+    else:
+        from .formats import dumps
+
+        pool = detect_pool(
+            sysroot,
+            hyperthreads=hyperthreads,
+            slots_per_gpu=slots_per_gpu,
+            mig=mig,
+            gpu_report=gpus,
+        )
+        text = dumps(pool, form)  # CTest's spec drops topology: expected, so no notes
+    if gpus.problem:
+        typer.echo(f"rpool-agent: {gpus.problem}", err=True)
+    _write_text(text, output)
+
+
+def _write_text(text: str, output: str | None) -> None:
+    """To stdout (`None` or `-`), or atomically to a file: readers never see half of it."""
+    import os
+
+    if output is None or output == "-":
+        sys.stdout.write(text)
+        return
+    tmp = f"{output}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, output)
+    except OSError as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise fail(f"cannot write {output}: {exc.strerror or exc}") from None
+
+
 
 def main() -> None:
     """Console-script entry point: the library's errors become one line, not a traceback."""
