@@ -1,0 +1,111 @@
+"""The CTest resource spec (`ctest --resource-spec-file`), checked by CTest's own rules.
+
+    {"version": {"major": 1, "minor": 0}, "local": [{"<type>": [{"id": "0", "slots": 1}]}]}
+
+Read strictly (docs/formats.md, /work/shared/reference/ctest.md): version exactly 1.0 as
+integers, `local` a list of at most one mapping, ids strings. Also rejected, although
+ctest itself lets them through: type names it would silently drop and duplicate ids.
+Unknown members are ignored, as ctest does. The seed's YAML shape (`local: {<type>: [...]}`,
+version optional) is read too. The spec holds no properties and no node id: writing one
+says what it dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ..errors import PoolFormatError
+from ..pool import Pool
+from .validate import Problems, at, kind, read_resources
+
+NAME = "ctest"
+VERSION = {"major": 1, "minor": 0}
+
+
+def read(doc: Mapping[Any, Any], problems: Problems, where: str = "") -> Pool:
+    local = doc.get("local")
+    seed_shape = isinstance(local, Mapping)
+    if "version" in doc or not seed_shape:
+        _check_version(problems, doc, where)
+    local_where = at(where, "local")
+    if "local" not in doc:
+        problems.add("missing 'local'", where)
+        return Pool()
+    if seed_shape:
+        groups: list[Any] = [local]
+    elif isinstance(local, list):
+        groups = local
+        if len(local) > 1:
+            problems.add(f"must hold at most one element, not {len(local)}", local_where)
+    else:
+        problems.add(f"must be a list, not {kind(local)}", local_where)
+        return Pool()
+    pool = Pool()
+    for i, group in enumerate(groups[:1]):
+        here = local_where if seed_shape else at(local_where, i)
+        if not isinstance(group, Mapping):
+            problems.add(f"must be a mapping of resource types, not {kind(group)}", here)
+            continue
+        resources = read_resources(problems, group, here, allowed=None, allow_int_ids=False)
+        pool = Pool.single(resources)
+    return pool
+
+
+def _check_version(problems: Problems, doc: Mapping[Any, Any], where: str) -> None:
+    here = at(where, "version")
+    if "version" not in doc:
+        problems.add('missing \'version\' (ctest wants {"major": 1, "minor": 0})', where)
+        return
+    version = doc["version"]
+    if not isinstance(version, Mapping):
+        problems.add(f"must be a mapping with major and minor, not {kind(version)}", here)
+        return
+    for part in ("major", "minor"):
+        value = version.get(part)
+        if part not in version:
+            problems.add(f"missing '{part}'", here)
+        elif isinstance(value, bool) or not isinstance(value, int):
+            problems.add(f"must be an integer, not {kind(value)} {value!r}", at(here, part))
+        elif value != VERSION[part]:
+            problems.add(
+                f"unsupported version {part} {value} (ctest reads exactly 1.0)", at(here, part)
+            )
+
+
+def write(pool: Pool) -> tuple[dict[str, Any], list[str]]:
+    if len(pool.nodes) > 1:
+        raise PoolFormatError(
+            f"a CTest spec holds one node, this pool has {len(pool.nodes)} "
+            "(write canary-nodes instead)"
+        )
+    notes: list[str] = []
+    if pool.additional_properties:
+        notes.append(f"dropped additional_properties ({_keys(pool.additional_properties)})")
+    local: list[dict[str, Any]] = []
+    if pool.nodes:
+        node = pool.nodes[0]
+        if node.id != "localhost":
+            notes.append(f"dropped node id {node.id!r}")
+        if node.additional_properties:
+            notes.append(
+                f"dropped node additional_properties ({_keys(node.additional_properties)})"
+            )
+        for rtype, instances in node.resources.items():
+            described = [inst for inst in instances if inst.properties]
+            if described:
+                keys: dict[str, None] = {}
+                for inst in described:
+                    keys.update(dict.fromkeys(map(str, inst.properties)))
+                notes.append(
+                    f"dropped properties of {len(described)} {rtype} instance"
+                    f"{'s' if len(described) > 1 else ''} ({', '.join(keys)})"
+                )
+        local.append(
+            {rtype: [i.to_seed() for i in insts] for rtype, insts in node.resources.items()}
+        )
+    return {"version": dict(VERSION), "local": local}, notes
+
+
+def _keys(mapping: Mapping[Any, Any]) -> str:
+    return ", ".join(map(str, mapping))
