@@ -1,0 +1,318 @@
+"""Lease server throughput, latency and reaping, against stdlib echo servers in the same run.
+
+    python bench/lease.py [--seconds 2] [--clients 1,8,64] [--json bench/results/lease.json]
+
+For 1, 8 and 64 concurrent client PROCESSES it measures:
+- the agent: acquire+release cycles/s and p50/p99 acquire latency (raw socket clients
+  sending prebuilt frames, so the client library's cost does not hide the server's);
+- echo servers answering a frame of the same size: the fastest stdlib one we could write
+  (a bare epoll loop), an asyncio BufferedProtocol one (built like the agent) and an
+  asyncio streams one; each as round trips/s and p50/p99 of one round trip.
+Ratios: a cycle is two round trips, so `cycle cost / (2 x echo round trip)` says what the
+agent adds on top of moving the bytes. Targets (2-core VM): <= 2.5x the same-kind echo,
+p99 acquire at 64 clients <= 2x the echo's p99.
+
+Reaping: a holder process with a GPU is SIGKILLed while another client waits for that GPU;
+we time kill -> grant (median of many), next to the floor: kill -> EOF seen by a plain
+epoll server for a process of the same kind. Target: median <= 5 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+PY = sys.executable
+
+ACQUIRE = b'{"id":1,"op":"acquire","request":{"cpus":1},"timeout":null,"label":"bench"}\n'
+HELLO = b'{"id":0,"op":"hello","version":1}\n'
+ECHO_MSG = b'{"id":1,"op":"echo","pad":"' + b"x" * 170 + b'"}\n'  # ~200 bytes, like a grant
+
+# --- servers ----------------------------------------------------------------------------
+
+EPOLL_ECHO = r"""
+import os, select, socket, sys
+path = sys.argv[1]
+srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); srv.bind(path); srv.listen(512)
+srv.setblocking(False)
+ep = select.epoll(); ep.register(srv.fileno(), select.EPOLLIN)
+conns, bufs = {}, {}
+print("ready", flush=True)
+while True:
+    for fd, ev in ep.poll():
+        if fd == srv.fileno():
+            c, _ = srv.accept(); c.setblocking(False)
+            conns[c.fileno()] = c; bufs[c.fileno()] = b""
+            ep.register(c.fileno(), select.EPOLLIN)
+            continue
+        c = conns[fd]
+        try:
+            data = c.recv(65536)
+        except BlockingIOError:
+            continue
+        if not data:
+            ep.unregister(fd); c.close(); del conns[fd], bufs[fd]
+            sys.stderr.write("eof %r\n" % (__import__("time").monotonic(),)); sys.stderr.flush()
+            continue
+        buf = bufs[fd] + data
+        *lines, bufs[fd] = buf.split(b"\n")
+        if lines:
+            c.send(b"".join(l + b"\n" for l in lines))
+"""
+
+PROTOCOL_ECHO = r"""
+import asyncio, sys
+class Echo(asyncio.BufferedProtocol):
+    def connection_made(self, t): self.t = t; self.buf = bytearray(65536); self.rest = b""
+    def get_buffer(self, n): return memoryview(self.buf)
+    def buffer_updated(self, n):
+        data = self.rest + bytes(self.buf[:n])
+        *lines, self.rest = data.split(b"\n")
+        if lines: self.t.write(b"".join(l + b"\n" for l in lines))
+async def main():
+    srv = await asyncio.get_running_loop().create_unix_server(Echo, sys.argv[1], backlog=512)
+    print("ready", flush=True)
+    await srv.serve_forever()
+asyncio.run(main())
+"""
+
+STREAMS_ECHO = r"""
+import asyncio, sys
+async def handle(r, w):
+    while line := await r.readline():
+        w.write(line); await w.drain()
+async def main():
+    srv = await asyncio.start_unix_server(handle, sys.argv[1], backlog=512)
+    print("ready", flush=True)
+    await srv.serve_forever()
+asyncio.run(main())
+"""
+
+# --- clients ----------------------------------------------------------------------------
+
+CLIENT = r"""
+import json, socket, sys, time
+path, mode, seconds, start_at = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); s.connect(path)
+f = s.makefile("rb")
+ACQ, HELLO, ECHO = (x.encode().decode("unicode_escape").encode() for x in sys.argv[5:8])
+if mode == "lease":
+    s.sendall(HELLO); f.readline()
+while time.monotonic() < start_at: time.sleep(0.001)
+lat, n, end = [], 0, start_at + seconds
+while True:
+    t0 = time.monotonic()
+    if t0 >= end: break
+    if mode == "lease":
+        s.sendall(ACQ); reply = f.readline(); t1 = time.monotonic()
+        lid = json.loads(reply)["result"]["id"]
+        s.sendall(b'{"id":2,"op":"release","lease":"%s"}\n' % lid.encode()); f.readline()
+    else:
+        s.sendall(ECHO); f.readline(); t1 = time.monotonic()
+    lat.append(t1 - t0); n += 1
+print(json.dumps({"n": n, "lat": lat}))
+"""
+
+
+def start(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return p
+
+
+def wait_listening(path: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(path)
+            s.close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(path)
+
+
+def start_agent(tmp: str, n_cpus: int = 256, n_gpus: int = 1) -> tuple[subprocess.Popen[str], str]:
+    pool = {
+        "resource_pool": {
+            "additional_properties": {},
+            "resources": {
+                "cpus": [{"id": str(i), "slots": 1} for i in range(n_cpus)],
+                "gpus": [{"id": str(i), "slots": 1} for i in range(n_gpus)],
+            },
+        }
+    }
+    pf = os.path.join(tmp, "pool.json")
+    Path(pf).write_text(json.dumps(pool))
+    sock = os.path.join(tmp, "agent.sock")
+    cmd = [PY, "-m", "rpool_agent.cli", "serve", "--pool", pf, "--socket", sock]
+    cmd += ["--state-dir", os.path.join(tmp, "state")]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+    wait_listening(sock)
+    return p, sock
+
+
+def start_echo(kind: str, tmp: str) -> tuple[subprocess.Popen[str], str]:
+    src = {"epoll": EPOLL_ECHO, "protocol": PROTOCOL_ECHO, "streams": STREAMS_ECHO}[kind]
+    sock = os.path.join(tmp, f"{kind}.sock")
+    p = start([PY, "-c", src, sock])
+    assert p.stdout is not None
+    p.stdout.readline()
+    return p, sock
+
+
+def drive(sock: str, mode: str, clients: int, seconds: float) -> dict[str, float]:
+    start_at = time.monotonic() + 0.5 + clients * 0.02
+    args = [x.decode().encode("unicode_escape").decode() for x in (ACQUIRE, HELLO, ECHO_MSG)]
+    procs = [
+        start([PY, "-c", CLIENT, sock, mode, str(seconds), str(start_at), *args])
+        for _ in range(clients)
+    ]
+    total, lats = 0, []
+    for p in procs:
+        out, err = p.communicate(seconds + 60)
+        if p.returncode != 0:
+            raise RuntimeError(err)
+        r = json.loads(out)
+        total += r["n"]
+        lats += r["lat"]
+    lats.sort()
+    return {
+        "per_s": total / seconds,
+        "p50_ms": 1000 * lats[len(lats) // 2],
+        "p99_ms": 1000 * lats[min(len(lats) - 1, int(len(lats) * 0.99))],
+        "n": total,
+    }
+
+
+# --- reaping ----------------------------------------------------------------------------
+
+HOLDER = r"""
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); s.connect(sys.argv[1])
+f = s.makefile("rb")
+if sys.argv[2] == "lease":
+    s.sendall(b'{"id":0,"op":"hello","version":1}\n'); f.readline()
+    s.sendall(b'{"id":1,"op":"acquire","request":{"gpus":1},"timeout":0}\n'); f.readline()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def reap_latency(agent_sock: str, echo_proc: subprocess.Popen[str], echo_sock: str, rounds: int):
+    """Median kill->grant through the agent, and kill->EOF at a bare epoll server (floor)."""
+    waiter = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    waiter.connect(agent_sock)
+    wf = waiter.makefile("rb")
+    waiter.sendall(HELLO)
+    wf.readline()
+    grants, floors = [], []
+    assert echo_proc.stderr is not None
+    for i in range(rounds):
+        holder = start([PY, "-c", HOLDER, agent_sock, "lease"])
+        assert holder.stdout is not None
+        holder.stdout.readline()
+        waiter.sendall(b'{"id":%d,"op":"acquire","request":{"gpus":1},"timeout":null}\n' % (i + 10))
+        line = wf.readline()  # "queued" event
+        assert b"queued" in line, line
+        time.sleep(0.02)
+        t0 = time.monotonic()
+        os.kill(holder.pid, signal.SIGKILL)
+        reply = json.loads(wf.readline())
+        grants.append(time.monotonic() - t0)
+        holder.wait()
+        lid = reply["result"]["id"]
+        waiter.sendall(b'{"id":2,"op":"release","lease":"%s"}\n' % lid.encode())
+        wf.readline()
+
+        plain = start([PY, "-c", HOLDER, echo_sock, "plain"])
+        assert plain.stdout is not None
+        plain.stdout.readline()
+        time.sleep(0.02)
+        t0 = time.monotonic()
+        os.kill(plain.pid, signal.SIGKILL)
+        eof_line = echo_proc.stderr.readline()
+        floors.append(float(eof_line.split()[1]) - t0)
+        plain.wait()
+    waiter.close()
+    return statistics.median(grants) * 1000, statistics.median(floors) * 1000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--clients", default="1,8,64")
+    ap.add_argument("--reap-rounds", type=int, default=15)
+    ap.add_argument("--json", default=str(HERE / "results" / "lease.json"))
+    a = ap.parse_args()
+    levels = [int(x) for x in a.clients.split(",")]
+    results: dict[str, Any] = {"seconds": a.seconds, "levels": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        servers = {"agent": start_agent(tmp)}
+        for kind in ("epoll", "protocol", "streams"):
+            servers[f"echo-{kind}"] = start_echo(kind, tmp)
+        try:
+            for n in levels:
+                row = {}
+                for name, (_, sock) in servers.items():
+                    row[name] = drive(sock, "lease" if name == "agent" else "echo", n, a.seconds)
+                results["levels"][n] = row
+            grant_ms, floor_ms = reap_latency(
+                servers["agent"][1],
+                servers["echo-epoll"][0],
+                servers["echo-epoll"][1],
+                a.reap_rounds,
+            )
+            results["reap"] = {
+                "kill_to_grant_median_ms": grant_ms,
+                "kill_to_eof_floor_ms": floor_ms,
+            }
+        finally:
+            for p, _ in servers.values():
+                p.kill()
+                p.wait()
+    print_table(results)
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps(results, indent=2))
+    print(f"\nwritten to {a.json}")
+
+
+def print_table(r: dict[str, Any]) -> None:
+    print(f"{'clients':>7} {'server':<15} {'ops/s':>9} {'p50 ms':>8} {'p99 ms':>8}   notes")
+    for n, row in r["levels"].items():
+        for name, m in row.items():
+            note = ""
+            if name == "agent":
+                cycle_us = 1e6 / m["per_s"]
+                notes = []
+                for echo in ("echo-epoll", "echo-protocol"):
+                    rt_us = 1e6 / row[echo]["per_s"]
+                    notes.append(f"cycle = {cycle_us / (2 * rt_us):.2f}x 2 {echo} RTs")
+                notes.append(
+                    f"p99 = {m['p99_ms'] / row['echo-protocol']['p99_ms']:.2f}x protocol-echo p99"
+                )
+                note = "; ".join(notes)
+            cols = f"{m['per_s']:>9.0f} {m['p50_ms']:>8.3f} {m['p99_ms']:>8.3f}"
+            print(f"{n:>7} {name:<15} {cols}   {note}")
+    rp = r.get("reap")
+    if rp:
+        print(
+            f"\nreap: kill -> grant median {rp['kill_to_grant_median_ms']:.2f} ms; "
+            f"kill -> EOF floor {rp['kill_to_eof_floor_ms']:.2f} ms; "
+            f"agent adds {rp['kill_to_grant_median_ms'] - rp['kill_to_eof_floor_ms']:.2f} ms"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""The synchronous client: `Client` speaks to the agent, `Lease` is what it grants.
+
+Plain blocking sockets on purpose: a test harness or `rpool-agent run` pays no asyncio
+import and no event loop. A lease belongs to this connection: close the connection (or
+let the process die) and the agent reaps it. If the agent restarts while leases are held,
+the client reconnects and re-claims them by id and token on its next call.
+
+    with Client() as c, c.acquire(gpus=1, cpus=2, timeout=60, label="test_foo") as lease:
+        subprocess.run(cmd, env=lease.env())
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import protocol
+from .errors import AgentUnavailable, ProtocolError, RpoolAgentError
+
+
+@dataclass
+class Lease:
+    """A granted lease: what was leased, with the hardware behind each id."""
+
+    document: dict[str, Any]
+    client: Client | None = field(default=None, repr=False)
+    released: bool = False
+
+    @property
+    def id(self) -> str:
+        return str(self.document["id"])
+
+    @property
+    def token(self) -> str | None:
+        return self.document.get("token")
+
+    @property
+    def label(self) -> str | None:
+        return self.document.get("label")
+
+    @property
+    def resources(self) -> dict[str, list[dict[str, Any]]]:
+        """Seed-shaped: `{type: [{"id": ..., "slots": ...}]}`."""
+        return self.document["resources"]
+
+    @property
+    def cpus(self) -> list[int]:
+        """Hardware CPU numbers, hyperthread siblings included."""
+        from .handoff import leased_cpus
+
+        return leased_cpus(self.document)
+
+    @property
+    def gpus(self) -> list[Any]:
+        """`LeasedGpu`s (index, uuid, MIG or not) in PCI order."""
+        from .handoff import leased_gpus
+
+        return leased_gpus(self.document)
+
+    @property
+    def files(self) -> Any:
+        """`LeaseFiles` (ctest_spec, pool, pool_nodes) when acquired with `files=True`."""
+        f = self.document.get("files")
+        if not f:
+            return None
+        from .handoff import LeaseFiles
+
+        return LeaseFiles(**f)
+
+    def env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
+        """A full environment for a program run inside this lease."""
+        from .handoff import lease_env
+
+        return lease_env(self.document, os.environ if base is None else base, self.files)
+
+    def release(self) -> None:
+        if not self.released and self.client is not None:
+            self.client.release(self.id)
+        self.released = True
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # If the agent is gone, our connection closing reaps the lease anyway.
+        with contextlib.suppress(AgentUnavailable, OSError):
+            self.release()
+
+
+def default_socket_path() -> str:
+    from .config import client_socket_path
+
+    return client_socket_path()
+
+
+class Client:
+    """A connection to the agent. Not thread-safe: one per thread."""
+
+    def __init__(
+        self,
+        socket_path: str | None = None,
+        *,
+        connect_timeout: float = 5.0,
+        reconnect_timeout: float = 30.0,
+    ) -> None:
+        self.socket_path = socket_path or default_socket_path()
+        self.connect_timeout = connect_timeout
+        self.reconnect_timeout = reconnect_timeout
+        self._sock: socket.socket | None = None
+        self._decoder = protocol.FrameDecoder()
+        self._frames: list[Any] = []
+        self._ids = itertools.count(1)
+        self._held: dict[str, Lease] = {}
+        self.server_info: dict[str, Any] = {}
+
+    # --- connection ---------------------------------------------------------------------
+
+    def connect(self) -> Client:
+        if self._sock is not None:
+            return self
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.connect_timeout)
+        try:
+            sock.connect(self.socket_path)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            sock.close()
+            raise AgentUnavailable(
+                f"no agent at {self.socket_path} ({exc.strerror or exc}); "
+                "start one with 'rpool-agent serve' or set RPOOL_AGENT_SOCKET"
+            ) from None
+        except OSError as exc:
+            sock.close()
+            raise AgentUnavailable(f"cannot connect to {self.socket_path}: {exc}") from None
+        sock.settimeout(None)
+        self._sock = sock
+        self._decoder = protocol.FrameDecoder()
+        self._frames = []
+        self.server_info = self._call_once(
+            "hello", {"version": protocol.PROTOCOL_VERSION, "client": "rpool-agent-client"}
+        )
+        return self
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def fileno(self) -> int:
+        """The connection's fd: a process holding it open keeps its leases alive."""
+        self.connect()
+        assert self._sock is not None
+        return self._sock.fileno()
+
+    def __enter__(self) -> Client:
+        return self.connect()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- calls --------------------------------------------------------------------------
+
+    def call(self, op: str, **args: Any) -> Any:
+        """Send one call, wait for its reply; after an agent restart reconnect and re-claim."""
+        self.connect()
+        try:
+            return self._call_once(op, args)
+        except _ConnectionLost:
+            self.close()
+        self._reconnect()
+        try:
+            return self._call_once(op, args)
+        except _ConnectionLost:
+            self.close()
+            msg = f"the agent at {self.socket_path} closed the connection"
+            raise AgentUnavailable(msg) from None
+
+    def _reconnect(self) -> None:
+        deadline = time.monotonic() + self.reconnect_timeout
+        while True:
+            try:
+                self.connect()
+                break
+            except AgentUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        for lease in list(self._held.values()):
+            try:
+                self._call_once("reclaim", {"lease": lease.id, "token": lease.token})
+            except RpoolAgentError:
+                self._held.pop(lease.id, None)  # reaped while we were away
+
+    def _call_once(self, op: str, args: dict[str, Any]) -> Any:
+        rid = next(self._ids)
+        msg = {"id": rid, "op": op, **{k: v for k, v in args.items() if v is not None}}
+        sock = self._sock
+        if sock is None:
+            raise _ConnectionLost()
+        try:
+            sock.sendall(protocol.encode(msg))
+        except OSError:
+            raise _ConnectionLost() from None
+        while True:
+            reply = self._next_frame()
+            if isinstance(reply, dict) and reply.get("id") == rid and "event" not in reply:
+                return protocol.raise_for_reply(reply)
+            if isinstance(reply, dict) and reply.get("id") is None and reply.get("ok") is False:
+                protocol.raise_for_reply(reply)  # the server refused us as a whole
+
+    def _next_frame(self) -> Any:
+        assert self._sock is not None
+        while not self._frames:
+            try:
+                data = self._sock.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                raise _ConnectionLost()
+            self._frames.extend(self._decoder.feed(data))
+        frame = self._frames.pop(0)
+        if isinstance(frame, ProtocolError):
+            raise frame
+        return frame
+
+    # --- operations ---------------------------------------------------------------------
+
+    def acquire(
+        self,
+        request: Any = None,
+        *,
+        gpus: int | None = None,
+        cpus: int | None = None,
+        timeout: float | None = None,
+        label: str | None = None,
+        holder_pid: int | None = None,
+        files: bool = False,
+        **counts: int,
+    ) -> Lease:
+        """Lease resources; blocks until granted, `timeout` (seconds) runs out, or refusal.
+
+        `request` takes any of the three forms (canary item list, `{type: n}` mapping,
+        CTest RESOURCE_GROUPS string); or give counts: `gpus=2, cpus=4`. `timeout=0` never
+        waits; None waits as long as it takes.
+        """
+        if request is None:
+            wanted = {k: v for k, v in {"gpus": gpus, "cpus": cpus, **counts}.items() if v}
+            request = wanted
+        doc = self.call(
+            "acquire",
+            request=request,
+            timeout=timeout,
+            label=label,
+            holder_pid=holder_pid,
+            files=files or None,
+        )
+        lease = Lease(doc, self)
+        self._held[lease.id] = lease
+        return lease
+
+    def release(self, lease_id: str) -> None:
+        self.call("release", lease=lease_id)
+        self._held.pop(lease_id, None)
+
+    def status(self) -> dict[str, Any]:
+        return self.call("status")
+
+    def pool(self, format: str | None = None) -> Any:
+        return self.call("pool", format=format)
+
+    def drain(self, resource: str, reason: str = "") -> Any:
+        return self.call("drain", resource=resource, reason=reason)
+
+    def undrain(self, resource: str) -> Any:
+        return self.call("undrain", resource=resource)
+
+    def reload(self) -> Any:
+        return self.call("reload")
+
+
+class _ConnectionLost(Exception):
+    """Internal: the agent closed the connection (restart, crash)."""

@@ -1,0 +1,128 @@
+"""`rpool-agent run`, `acquire` and `status` output: the client side of the CLI.
+
+`run` execs the command in place of itself, and the command inherits the lease's
+connection. The lease then lasts exactly as long as the command (and anything it leaves
+holding the inherited fd): there is no wrapper process whose death (SIGKILL included)
+could free the resources while the command still runs on them. Imports no asyncio.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from typing import Any
+
+from .errors import RequestError
+
+
+def parse_cli_request(request: str | None, gpus: int, cpus: int) -> Any:
+    """`--request` (RESOURCE_GROUPS string, or JSON items/mapping) or `--gpus/--cpus`."""
+    if request is not None:
+        if gpus or cpus:
+            raise RequestError("give either --request or --gpus/--cpus, not both")
+        text = request.strip()
+        if text[:1] in "[{":
+            try:
+                return json.loads(text)
+            except ValueError as exc:
+                raise RequestError(f"--request is not valid JSON: {exc}") from None
+        return text
+    wanted = {k: v for k, v in (("gpus", gpus), ("cpus", cpus)) if v}
+    if not wanted:
+        raise RequestError("nothing requested: give --gpus, --cpus or --request")
+    return wanted
+
+
+def run_in_lease(
+    cmd: list[str],
+    *,
+    gpus: int = 0,
+    cpus: int = 0,
+    request: str | None = None,
+    timeout: float | None = None,
+    label: str | None = None,
+) -> int:
+    """Acquire, then exec `cmd` inside the lease. Returns only if the exec fails."""
+    from .client import Client
+    from .handoff import substitute_args
+
+    if not cmd:
+        raise RequestError("no command given (put it after --)")
+    wanted = parse_cli_request(request, gpus, cpus)
+    client = Client().connect()
+    lease = client.acquire(
+        wanted, timeout=timeout, label=label or shlex.join(cmd)[:200], files=True
+    )
+    env = lease.env()
+    files = lease.files
+    argv = substitute_args(cmd, files) if files is not None else list(cmd)
+    fd = client.fileno()
+    os.set_inheritable(fd, True)
+    env["RPOOL_LEASE_FD"] = str(fd)
+    leased = lease.cpus
+    if leased:
+        os.sched_setaffinity(0, leased)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execvpe(argv[0], argv, env)
+    except OSError as exc:
+        print(f"rpool-agent: cannot run {argv[0]!r}: {exc.strerror}", file=sys.stderr)
+        return 127 if isinstance(exc, FileNotFoundError) else 126
+    return 0  # pragma: no cover - execvpe does not return
+
+
+def acquire_for_script(
+    *,
+    gpus: int = 0,
+    cpus: int = 0,
+    request: str | None = None,
+    timeout: float | None = None,
+    label: str | None = None,
+    holder: int | None = None,
+) -> str:
+    """Lease bound to `holder`'s lifetime (default: our parent); `export` lines to eval."""
+    from .client import Client
+
+    wanted = parse_cli_request(request, gpus, cpus)
+    pid = holder if holder is not None else os.getppid()
+    with Client() as client:
+        lease = client.acquire(wanted, timeout=timeout, label=label, holder_pid=pid, files=True)
+        env = lease.env(base={})
+    env["RPOOL_LEASE_TOKEN"] = lease.token or ""
+    return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items()))
+
+
+def format_status(snap: dict[str, Any]) -> str:
+    """A human table of `status`: slots per type, then leases, then waiters."""
+    lines = [f"{'TYPE':<10} {'TOTAL':>6} {'FREE':>6} {'USED':>6} {'DRAINED':>7}"]
+    for rtype, v in sorted(snap.get("types", {}).items()):
+        lines.append(
+            f"{rtype:<10} {v.get('total', 0):>6} {v.get('free', 0):>6} "
+            f"{v.get('used', 0):>6} {v.get('drained', 0):>7}"
+        )
+    leases = snap.get("leases", [])
+    lines.append("")
+    lines.append(f"{len(leases)} lease(s)")
+    for le in leases:
+        h = le.get("holder") or {}
+        res = " ".join(
+            f"{t}:" + ",".join(str(i["id"]) for i in items)
+            for t, items in sorted((le.get("resources") or {}).items())
+        )
+        stale = " STALE(resource gone)" if le.get("stale") else ""
+        lines.append(
+            f"  {le.get('id')}  pid={h.get('pid')} uid={h.get('uid')} "
+            f"age={le.get('age_s', 0):.1f}s {res}"
+            + (f" label={le['label']!r}" if le.get("label") else "")
+            + stale
+        )
+    waiters = snap.get("waiters", [])
+    lines.append(f"{len(waiters)} waiter(s)")
+    for w in waiters:
+        lines.append(
+            f"  {w.get('label') or ''} waiting {w.get('waiting_s', 0):.1f}s for {w.get('request')}"
+        )
+    return "\n".join(lines)

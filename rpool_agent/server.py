@@ -1,0 +1,674 @@
+"""The lease daemon: an asyncio shell around the pure allocator and the sans-IO codec.
+
+Each connection runs wsproto's three steps: 1) bytes from the socket go into the frame
+decoder, 2) each call goes to the allocator, which answers with events, 3) each event is
+written to whichever connection it names (a release on one connection grants a waiter on
+another). Losing a peer is an input too: EOF -> `allocator.disconnect(owner)`, which reaps
+its leases and serves the next waiter, with no polling and no timeout to wait out.
+
+Sockets, SO_PEERCRED, timers, logging and sd_notify live here; no allocation decision does.
+`asyncio.BufferedProtocol` rather than streams: it reads into one preallocated buffer and
+costs a fraction of a StreamReader per message (see bench/lease.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import os
+import secrets
+import signal
+import socket
+import stat
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import protocol
+from .allocator import Allocator, Denied, Granted, Lease, Queued, Reaped, Released
+from .errors import (
+    AgentUnavailable,
+    LimitExceeded,
+    MessageTooLarge,
+    NotOwner,
+    PermissionDenied,
+    ProtocolError,
+    RpoolAgentError,
+    UnknownLease,
+)
+from .holders import Holder, open_pidfd, peer_credentials, process_starttime, process_uid
+from .pool import Pool
+from .requests import parse_request
+
+Owner = tuple[Any, ...]
+
+
+@dataclass
+class Limits:
+    """Per-connection and per-uid limits: nothing a client sends may grow memory unbounded."""
+
+    max_message_bytes: int = protocol.MAX_MESSAGE_BYTES
+    max_pending_per_connection: int = 16
+    max_connections_per_uid: int = 64
+    handshake_timeout: float = 10.0
+
+
+@dataclass
+class LeaseExtras:
+    """What the shell keeps beside an allocator lease: secret token, files, requester."""
+
+    token: str
+    holder: Holder
+    files: Any = None  # handoff.LeaseFiles once written
+    pidfd: int | None = None
+
+
+@dataclass
+class Connection(asyncio.BufferedProtocol):
+    server: Server
+    number: int
+    transport: asyncio.Transport | None = None
+    peer: Holder | None = None
+    decoder: protocol.FrameDecoder = field(default_factory=protocol.FrameDecoder)
+    greeted: bool = False
+    pending: set[Any] = field(default_factory=set)  # allocator request keys still queued
+    _buffer: bytearray = field(default_factory=lambda: bytearray(65536))
+    _handshake_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def owner(self) -> Owner:
+        return ("conn", self.number)
+
+    # -- asyncio callbacks ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        try:
+            self.peer = peer_credentials(sock)
+        except OSError:
+            self.peer = Holder(-1, -1, -1)
+        self.decoder = protocol.FrameDecoder(self.server.limits.max_message_bytes)
+        if not self.server.admit(self):
+            return
+        loop = asyncio.get_running_loop()
+        self._handshake_timer = loop.call_later(
+            self.server.limits.handshake_timeout, self._handshake_expired
+        )
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return memoryview(self._buffer)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # 1) bytes into the codec
+        try:
+            frames = self.decoder.feed(bytes(self._buffer[:nbytes]))
+        except MessageTooLarge as exc:
+            self.send(protocol.error(None, exc))
+            self.close()
+            return
+        # 2) + 3) each frame to the core, events out to their connections
+        for frame in frames:
+            if self.transport is None or self.transport.is_closing():
+                return
+            self.server.handle_frame(self, frame)
+
+    def eof_received(self) -> bool:
+        return False  # close our side too; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._handshake_timer:
+            self._handshake_timer.cancel()
+        self.server.forget(self)
+        self.transport = None
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def send(self, message: dict[str, Any]) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(protocol.encode(message))
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def greet(self) -> None:
+        self.greeted = True
+        if self._handshake_timer:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+
+    def _handshake_expired(self) -> None:
+        if not self.greeted:
+            self.send(protocol.error(None, ProtocolError("no handshake in time")))
+            self.close()
+
+
+def _log_stderr(line: str) -> None:
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+class Server:
+    """Holds the pool, the allocator and every connection; one per process."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        *,
+        socket_path: str,
+        limits: Limits | None = None,
+        log: Callable[[str], None] = _log_stderr,
+        files_dir: str | None = None,
+        admin_gid: int | None = None,
+        socket_mode: int = 0o660,
+        socket_gid: int | None = None,
+        notify: Callable[[str], Any] | None = None,
+        state: Any = None,
+        pool_loader: Callable[[], Pool] | None = None,
+        watchdog_interval: float | None = None,
+    ) -> None:
+        self.pool = pool
+        self.socket_path = socket_path
+        self.limits = limits or Limits()
+        self.log = log
+        self.files_dir = files_dir or os.path.join(os.path.dirname(socket_path), "leases")
+        self.admin_gid = admin_gid
+        self.socket_mode = socket_mode
+        self.socket_gid = socket_gid
+        self.notify = notify
+        self.state = state
+        self.pool_loader = pool_loader
+        self.watchdog_interval = watchdog_interval
+        self._lease_ids = (secrets.token_hex(4) + f"{i:x}" for i in itertools.count(1))
+        self.allocator = Allocator(pool, new_lease_id=lambda: next(self._lease_ids))
+        self.connections: dict[int, Connection] = {}
+        self.extras: dict[str, LeaseExtras] = {}
+        self._routes: dict[Any, Connection] = {}  # allocator request key -> requesting conn
+        self._want_files: set[Any] = set()  # request keys whose grant writes per-lease files
+        self._numbers = itertools.count(1)
+        self._timer: asyncio.TimerHandle | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._stopped: asyncio.Event | None = None
+        self._owned_socket = False
+
+    # --- connections ------------------------------------------------------------------
+
+    def new_connection(self) -> Connection:
+        conn = Connection(self, next(self._numbers))
+        self.connections[conn.number] = conn
+        return conn
+
+    def admit(self, conn: Connection) -> bool:
+        uid = conn.peer.uid if conn.peer else -1
+        same_uid = sum(1 for c in self.connections.values() if c.peer and c.peer.uid == uid)
+        if uid != 0 and same_uid > self.limits.max_connections_per_uid:
+            conn.send(protocol.error(None, LimitExceeded("too many connections for this uid")))
+            conn.close()
+            return False
+        return True
+
+    def forget(self, conn: Connection) -> None:
+        """A connection closed, however it closed: reap what it held, serve the next waiter."""
+        if self.connections.pop(conn.number, None) is None:
+            return
+        events: list[Any] = []
+        for key in list(conn.pending):
+            self._routes.pop(key, None)
+            self._want_files.discard(key)
+            events += self.allocator.cancel(key[2], key)
+        events += self.allocator.disconnect(conn.owner)
+        self.dispatch(events)
+
+    # --- frames -----------------------------------------------------------------------
+
+    def handle_frame(self, conn: Connection, frame: Any) -> None:
+        rid = frame.get("id") if isinstance(frame, dict) else None
+        try:
+            call = protocol.parse_call(frame)
+            rid = call.id
+            if not conn.greeted and call.op != "hello":
+                raise ProtocolError("the first message must be 'hello'")
+            handler = getattr(self, f"op_{call.op}")
+            result = handler(conn, call)
+        except RpoolAgentError as exc:
+            rid = protocol.request_id_of(exc) if rid is None else rid
+            conn.send(protocol.error(rid, exc))
+            return
+        if result is not _DEFERRED:
+            conn.send(protocol.ok(rid, result))
+
+    # --- operations (each returns the reply's result, or _DEFERRED) ----------------------
+
+    def op_hello(self, conn: Connection, call: protocol.Call) -> Any:
+        conn.greet()
+        from ._version import __version__
+
+        peer = conn.peer or Holder(-1, -1, -1)
+        return {
+            "version": protocol.PROTOCOL_VERSION,
+            "server": f"rpool-agent {__version__}",
+            "pid": os.getpid(),
+            "you": {"pid": peer.pid, "uid": peer.uid, "gid": peer.gid},
+        }
+
+    def op_acquire(self, conn: Connection, call: protocol.Call) -> Any:
+        args = call.args
+        request = parse_request(args.get("request"))
+        timeout = args.get("timeout")
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0
+        ):
+            raise ProtocolError("'timeout' must be a number >= 0 or null")
+        label = args.get("label")
+        if label is not None and (not isinstance(label, str) or len(label) > 256):
+            raise ProtocolError("'label' must be a string of at most 256 characters")
+        if len(conn.pending) >= self.limits.max_pending_per_connection:
+            raise LimitExceeded("too many pending acquires on this connection")
+        peer = conn.peer or Holder(-1, -1, -1)
+        owner: Owner = conn.owner
+        holder = peer
+        holder_pid = args.get("holder_pid")
+        if holder_pid is not None:
+            holder, owner = self._pid_holder(peer, holder_pid)
+        key = (conn.number, call.id, owner)
+        if args.get("files"):
+            self._want_files.add(key)
+        self._routes[key] = conn
+        conn.pending.add(key)
+        events = self.allocator.submit(
+            owner,
+            key,
+            request,
+            now=time.monotonic(),
+            timeout=timeout,
+            label=label,
+            holder=holder.to_dict(),
+        )
+        self.dispatch(events)
+        return _DEFERRED
+
+    def _pid_holder(self, peer: Holder, pid: Any) -> tuple[Holder, Owner]:
+        if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+            raise ProtocolError("'holder_pid' must be a positive integer")
+        uid = process_uid(pid)
+        start = process_starttime(pid)
+        if uid is None or start is None:
+            raise ProtocolError(f"no process {pid}")
+        if peer.uid not in (0, uid):
+            raise PermissionDenied(f"process {pid} belongs to another user")
+        return Holder(pid, uid, peer.gid, start), ("pid", pid, start)
+
+    def op_cancel(self, conn: Connection, call: protocol.Call) -> Any:
+        target = call.args.get("request_id")
+        for key in list(conn.pending):
+            if key[1] == target:
+                conn.pending.discard(key)
+                self._routes.pop(key, None)
+                self.dispatch(self.allocator.cancel(key[2], key))
+                return {"cancelled": True}
+        return {"cancelled": False}
+
+    def op_release(self, conn: Connection, call: protocol.Call) -> Any:
+        lease_id = call.args.get("lease")
+        if not isinstance(lease_id, str):
+            raise ProtocolError("'lease' must be a lease id string")
+        lease = self.allocator.leases.get(lease_id)
+        if lease is None:
+            raise UnknownLease(f"no lease {lease_id[:40]!r}")
+        self._check_may_touch(conn, lease)
+        self.dispatch(self.allocator.release(lease.owner, lease_id))
+        return {"released": lease_id}
+
+    def _check_may_touch(self, conn: Connection, lease: Lease) -> None:
+        peer = conn.peer or Holder(-1, -1, -1)
+        if lease.owner == conn.owner or peer.uid == 0:
+            return
+        if int(lease.holder.get("uid", -2)) == peer.uid:
+            return
+        raise NotOwner(f"lease {lease.id} belongs to another user")
+
+    def op_status(self, conn: Connection, call: protocol.Call) -> Any:
+        snap = self.allocator.snapshot()
+        now = time.monotonic()
+        for item in snap.get("leases", []):
+            item["age_s"] = round(now - item.get("granted_at", now), 3)
+        for item in snap.get("waiters", []):
+            item["waiting_s"] = round(now - item.get("since", now), 3)
+        snap["connections"] = len(self.connections)
+        return snap
+
+    def op_pool(self, conn: Connection, call: protocol.Call) -> Any:
+        fmt = call.args.get("format")
+        if fmt is None:
+            from .formats import to_document
+
+            return to_document(self.pool, "canary-nodes")[0]
+        from .formats import FORMATS, dumps
+
+        if fmt not in FORMATS:
+            raise ProtocolError(f"'format' must be one of {', '.join(FORMATS)}")
+        return {"format": fmt, "text": dumps(self.pool, fmt)}
+
+    def op_reclaim(self, conn: Connection, call: protocol.Call) -> Any:
+        lease_id, token = call.args.get("lease"), call.args.get("token")
+        extras = self.extras.get(lease_id) if isinstance(lease_id, str) else None
+        if extras is None or lease_id not in self.allocator.leases:
+            raise UnknownLease(f"no lease {str(lease_id)[:40]!r}")
+        if not isinstance(token, str) or not secrets.compare_digest(token, extras.token):
+            raise NotOwner("wrong token for this lease")
+        self.allocator.rebind(lease_id, conn.owner)
+        self._close_pidfd(extras)
+        return self.lease_document(self.allocator.leases[lease_id], with_token=False)
+
+    def op_drain(self, conn: Connection, call: protocol.Call) -> Any:
+        self._require_admin(conn)
+        rtype, rid = _resource_arg(call.args.get("resource"))
+        reason = call.args.get("reason") or ""
+        self.allocator.drain(rtype, rid, str(reason)[:256])
+        self.log(f"drain {rtype}:{rid} reason={reason!r}")
+        return {"drained": f"{rtype}:{rid}"}
+
+    def op_undrain(self, conn: Connection, call: protocol.Call) -> Any:
+        self._require_admin(conn)
+        rtype, rid = _resource_arg(call.args.get("resource"))
+        self.dispatch(self.allocator.undrain(rtype, rid))
+        self.log(f"undrain {rtype}:{rid}")
+        return {"undrained": f"{rtype}:{rid}"}
+
+    def op_reload(self, conn: Connection, call: protocol.Call) -> Any:
+        self._require_admin(conn)
+        return self.reload()
+
+    def _require_admin(self, conn: Connection) -> None:
+        peer = conn.peer or Holder(-1, -1, -1)
+        if peer.uid == 0:
+            return
+        if self.admin_gid is not None and self.admin_gid in _groups_of(peer):
+            return
+        raise PermissionDenied("this operation needs root or the agent's admin group")
+
+    # --- events -> connections ------------------------------------------------------------
+
+    def dispatch(self, events: list[Any]) -> None:
+        for ev in events:
+            if isinstance(ev, Granted):
+                self._on_granted(ev)
+            elif isinstance(ev, Denied):
+                self._want_files.discard(ev.req_id)
+                conn = self._routes.pop(ev.req_id, None)
+                if conn is not None:
+                    conn.pending.discard(ev.req_id)
+                    conn.send(protocol.error(ev.req_id[1], ev.error))
+            elif isinstance(ev, Queued):
+                conn = self._routes.get(ev.req_id)
+                if conn is not None:
+                    conn.send({"id": ev.req_id[1], "event": "queued", "position": ev.position})
+            elif isinstance(ev, Released):
+                self._end_lease(ev.lease_id, "release")
+            elif isinstance(ev, Reaped):
+                for lease_id in ev.lease_ids:
+                    self._end_lease(lease_id, "reap")
+        self._reschedule()
+
+    def _on_granted(self, ev: Granted) -> None:
+        lease: Lease = ev.lease
+        conn = self._routes.pop(ev.req_id, None)
+        holder = Holder.from_dict(dict(lease.holder))
+        extras = LeaseExtras(token=secrets.token_hex(16), holder=holder)
+        self.extras[lease.id] = extras
+        if lease.owner[0] == "pid":
+            extras.pidfd = open_pidfd(holder.pid, holder.starttime)
+            if extras.pidfd is None:  # the holder died while its request waited
+                self.dispatch(self.allocator.disconnect(lease.owner))
+            else:
+                loop = asyncio.get_running_loop()
+                loop.add_reader(extras.pidfd, self._holder_exited, lease.owner)
+        self.log(
+            f"grant {lease.id} {_fmt_resources(lease)} pid={holder.pid} uid={holder.uid}"
+            + (f" label={lease.label!r}" if lease.label else "")
+        )
+        doc = self.lease_document(lease, with_token=True)
+        if ev.req_id in self._want_files:
+            self._want_files.discard(ev.req_id)
+            extras.files = self._write_files(lease, doc, holder)
+            doc["files"] = dataclasses.asdict(extras.files)
+        if conn is not None:
+            conn.pending.discard(ev.req_id)
+            conn.send(protocol.ok(ev.req_id[1], doc))
+        if self.state is not None:
+            self.state.save(self)
+        self._notify_status()
+
+    def _write_files(self, lease: Lease, doc: dict[str, Any], holder: Holder) -> Any:
+        """Per-lease pool files, readable by the holder alone, removed when the lease ends."""
+        from .handoff import write_lease_files
+
+        directory = os.path.join(self.files_dir, lease.id)
+        os.makedirs(self.files_dir, mode=0o755, exist_ok=True)
+        files = write_lease_files(doc, directory)
+        if os.geteuid() == 0 and holder.uid > 0:
+            for path in (directory, files.ctest_spec, files.pool, files.pool_nodes):
+                os.chown(path, holder.uid, holder.gid)
+        return files
+
+    def _holder_exited(self, owner: Owner) -> None:
+        self.dispatch(self.allocator.disconnect(owner))
+
+    def _end_lease(self, lease_id: str, how: str) -> None:
+        extras = self.extras.pop(lease_id, None)
+        if extras is not None:
+            self._close_pidfd(extras)
+            if extras.files is not None:
+                from .handoff import remove_lease_files
+
+                remove_lease_files(extras.files)
+        self.log(f"{how} {lease_id}")
+        if self.state is not None:
+            self.state.save(self)
+        self._notify_status()
+
+    def _close_pidfd(self, extras: LeaseExtras) -> None:
+        if extras.pidfd is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(extras.pidfd)
+            os.close(extras.pidfd)
+            extras.pidfd = None
+
+    def lease_document(self, lease: Lease, *, with_token: bool) -> dict[str, Any]:
+        """The lease as a client sees it: ids, slots, groups and each instance's properties."""
+        resources = lease.resources()
+        props: dict[str, dict[str, Any]] = {}
+        node = self.pool.nodes[0] if self.pool.nodes else None
+        for rtype, items in resources.items():
+            for item in items:
+                inst = node.instance(rtype, item["id"]) if node else None
+                if inst is not None and inst.properties:
+                    props.setdefault(rtype, {})[item["id"]] = inst.properties
+        extras = self.extras.get(lease.id)
+        doc: dict[str, Any] = {
+            "id": lease.id,
+            "label": lease.label,
+            "resources": resources,
+            "groups": [
+                [{"type": s.type, "id": s.id, "slots": s.slots} for s in group]
+                for group in lease.groups
+            ],
+            "request": lease.request.to_wire(),
+            "properties": props,
+            "holder": dict(lease.holder),
+        }
+        if with_token and extras is not None:
+            doc["token"] = extras.token
+        return doc
+
+    # --- timers, status -------------------------------------------------------------------
+
+    def _reschedule(self) -> None:
+        deadline = self.allocator.next_deadline()
+        if self._timer is not None:
+            if deadline is not None and self._timer.when() == deadline:
+                return
+            self._timer.cancel()
+            self._timer = None
+        if deadline is not None:
+            self._timer = asyncio.get_running_loop().call_at(deadline, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        self.dispatch(self.allocator.expire(time.monotonic()))
+
+    def status_line(self) -> str:
+        snap = self.allocator.snapshot()
+        parts = [f"{v['free']} {t} free of {v['total']}" for t, v in snap["types"].items()]
+        return f"{'; '.join(parts) or 'empty pool'}; {len(self.allocator.leases)} leases"
+
+    def _notify_status(self) -> None:
+        if self.notify is not None:
+            self.notify(f"STATUS={self.status_line()}")
+
+    def reload(self) -> dict[str, Any]:
+        if self.pool_loader is None:
+            return {"reloaded": False}
+        pool = self.pool_loader()
+        self.pool = pool
+        self.dispatch(self.allocator.set_pool(pool))
+        self.log(f"reload: {pool.summary()}")
+        return {"reloaded": True, "pool": pool.summary()}
+
+    # --- lifetime ---------------------------------------------------------------------
+
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Listen on `sock` (inherited from systemd) or on a socket we create."""
+        loop = asyncio.get_running_loop()
+        if sock is None:
+            sock = self._bind()
+        self._server = await loop.create_unix_server(self.new_connection, sock=sock, backlog=512)
+        if self.state is not None:
+            self.state.restore(self)
+        self._reschedule()
+        if self.notify is not None and self.watchdog_interval:
+            self._watchdog()
+
+    def _watchdog(self) -> None:
+        """WATCHDOG=1 at the rate systemd asked for, from the loop: a stuck loop stops it."""
+        assert self.notify is not None and self.watchdog_interval
+        self.notify("WATCHDOG=1")
+        asyncio.get_running_loop().call_later(self.watchdog_interval, self._watchdog)
+
+    def _bind(self) -> socket.socket:
+        path = Path(self.socket_path)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        st = path.parent.stat()
+        if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+            raise AgentUnavailable(f"{path.parent} is writable by others; refusing to listen there")
+        if path.is_symlink():
+            raise AgentUnavailable(f"{path} is a symlink; refusing to replace it")
+        if path.exists():
+            if _answers(str(path)):
+                raise AgentUnavailable(f"another agent already listens on {path}")
+            path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old_umask)
+        if self.socket_gid is not None:
+            os.chown(path, -1, self.socket_gid)
+        os.chmod(path, self.socket_mode)
+        sock.listen(512)
+        self._owned_socket = True
+        return sock
+
+    def install_signal_handlers(self) -> asyncio.Event:
+        """SIGTERM/SIGINT stop, SIGHUP reloads; installed before the socket is opened so
+        that a signal arriving right after start-up is never taken by the default action."""
+        loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopped.set)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        return self._stopped
+
+    def _on_sighup(self) -> None:
+        try:
+            self.reload()
+        except RpoolAgentError as exc:
+            self.log(f"reload failed, keeping the old pool: {exc}")
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections.values()):
+            conn.close()
+        if self._owned_socket:
+            with contextlib.suppress(OSError):
+                os.unlink(self.socket_path)
+
+
+_DEFERRED = object()
+
+
+def _resource_arg(value: Any) -> tuple[str, str]:
+    if not isinstance(value, str) or ":" not in value:
+        raise ProtocolError("'resource' must be 'TYPE:ID'")
+    rtype, _, rid = value.partition(":")
+    return rtype, rid
+
+
+def _fmt_resources(lease: Lease) -> str:
+    return " ".join(
+        f"{t}:" + ",".join(f"{r['id']}" + (f"x{r['slots']}" if r["slots"] != 1 else "") for r in rs)
+        for t, rs in lease.resources().items()
+    )
+
+
+def _groups_of(peer: Holder) -> set[int]:
+    groups = {peer.gid}
+    try:
+        with open(f"/proc/{peer.pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Groups:"):
+                    groups.update(int(g) for g in line.split()[1:])
+    except (OSError, ValueError):
+        pass
+    return groups
+
+
+def _answers(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def run_server(server: Server, sock: socket.socket | None = None) -> None:
+    """Start, say READY once the socket accepts, serve until SIGTERM/SIGINT, stop cleanly."""
+
+    async def main() -> None:
+        stopped = server.install_signal_handlers()
+        await server.start(sock)
+        if server.notify is not None:
+            server.notify(f"READY=1\nSTATUS={server.status_line()}")
+        server.log(f"serving {server.pool.summary()} on {server.socket_path}")
+        try:
+            await stopped.wait()
+        finally:
+            if server.notify is not None:
+                server.notify("STOPPING=1")
+            await server.close()
+            server.log("stopped")
+
+    asyncio.run(main())

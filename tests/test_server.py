@@ -1,0 +1,301 @@
+"""The lease daemon, end to end: a real agent process, real sockets, real SIGKILLed clients."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from agent_fixture import gpu_pool, running_agent
+
+from rpool_agent.errors import (
+    ResourceUnavailable,
+    Timeout,
+    UnknownLease,
+    UnknownResourceType,
+    Unsatisfiable,
+)
+
+PY = sys.executable
+
+HOLD = """
+import sys, time
+from rpool_agent.client import Client
+c = Client(sys.argv[1]).connect()
+lease = c.acquire({"gpus": int(sys.argv[2])}, label="holder")
+print(lease.id, ",".join(g["id"] for g in lease.resources["gpus"]), flush=True)
+time.sleep(120)
+"""
+
+
+def spawn_holder(agent: Any, n: int = 1) -> tuple[subprocess.Popen[str], str, list[str]]:
+    proc = subprocess.Popen(
+        [PY, "-c", HOLD, agent.socket, str(n)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline().split()
+    return proc, line[0], line[1].split(",")
+
+
+def wait_until(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
+def test_sigkilled_holder_is_reaped_and_waiter_granted_at_once(tmp_path: Path) -> None:
+    with running_agent(tmp_path, gpu_pool(1)) as agent:
+        holder, lease_id, gpus = spawn_holder(agent)
+        assert gpus == ["0"]
+        granted: dict[str, Any] = {}
+
+        def wait_for_gpu() -> None:
+            with agent.client() as c:
+                lease = c.acquire(gpus=1, timeout=60, label="waiter")
+                granted["at"] = time.monotonic()
+                granted["gpus"] = [g["id"] for g in lease.resources["gpus"]]
+
+        waiter = threading.Thread(target=wait_for_gpu)
+        waiter.start()
+        wait_until(lambda: len(agent.status()["waiters"]) == 1)
+        killed_at = time.monotonic()
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        waiter.join(10)
+        assert granted["gpus"] == ["0"]
+        # Far below the 60 s timeout: reaping is driven by EOF, not by a timer.
+        assert granted["at"] - killed_at < 2.0
+        status = agent.status()
+        assert lease_id not in [le["id"] for le in status["leases"]]
+        assert "reap " + lease_id in agent.log()
+
+
+def test_status_records_peer_credentials(tmp_path: Path) -> None:
+    with running_agent(tmp_path) as agent, agent.client() as c:
+        lease = c.acquire(gpus=2, cpus=1, label="creds")
+        [entry] = agent.status()["leases"]
+        assert entry["id"] == lease.id
+        assert entry["holder"]["pid"] == os.getpid()
+        assert entry["holder"]["uid"] == os.getuid()
+        assert entry["holder"]["gid"] == os.getgid()
+        assert entry["label"] == "creds"
+        assert len(lease.resources["gpus"]) == 2
+        assert len({g["id"] for g in lease.resources["gpus"]}) == 2
+        lease.release()
+        assert agent.status()["leases"] == []
+
+
+WORKER = """
+import json, random, sys, time
+from rpool_agent.client import Client
+sock, seed, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rng = random.Random(seed)
+out = []
+with Client(sock) as c:
+    for _ in range(rounds):
+        lease = c.acquire(gpus=rng.choice([1, 2]), timeout=60)
+        start = time.monotonic()
+        time.sleep(rng.uniform(0, 0.004))
+        end = time.monotonic()
+        out.append([[g["id"] for g in lease.resources["gpus"]], start, end])
+        lease.release()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_twenty_processes_never_share_a_gpu(tmp_path: Path) -> None:
+    with running_agent(tmp_path, gpu_pool(4)) as agent:
+        procs = [
+            subprocess.Popen(
+                [PY, "-c", WORKER, agent.socket, str(seed), "15"],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for seed in range(20)
+        ]
+        intervals: list[tuple[str, float, float]] = []
+        for p in procs:
+            out, _ = p.communicate(60)
+            assert p.returncode == 0
+            for ids, start, end in json.loads(out):
+                intervals += [(gpu, start, end) for gpu in ids]
+        assert len(intervals) >= 20 * 15
+        by_gpu: dict[str, list[tuple[float, float]]] = {}
+        for gpu, start, end in intervals:
+            by_gpu.setdefault(gpu, []).append((start, end))
+        assert set(by_gpu) <= {"0", "1", "2", "3"}
+        for spans in by_gpu.values():
+            spans.sort()
+            for (_, end), (start, _) in itertools.pairwise(spans):
+                assert end <= start, "two holders had the same GPU at once"
+        assert agent.status()["leases"] == []
+
+
+def test_fifo_big_request_is_not_starved(tmp_path: Path) -> None:
+    with running_agent(tmp_path, gpu_pool(4)) as agent:
+        holders = [spawn_holder(agent, 1) for _ in range(3)]  # 3 of 4 GPUs held
+        big: dict[str, Any] = {}
+
+        def want_all() -> None:
+            with agent.client() as c:
+                big["lease"] = c.acquire(gpus=4, timeout=60, label="big")
+                big["at"] = time.monotonic()
+
+        t = threading.Thread(target=want_all)
+        t.start()
+        wait_until(lambda: len(agent.status()["waiters"]) == 1)
+        # A later 1-GPU request would fit in the free GPU, but it needs what the big
+        # waiter needs: it must queue behind it rather than starve it.
+        with agent.client() as c:
+            with pytest.raises(ResourceUnavailable):
+                c.acquire(gpus=1, timeout=0)
+            for proc, _, _ in holders:
+                proc.kill()
+                proc.wait()
+        t.join(10)
+        assert sorted(g["id"] for g in big["lease"].resources["gpus"]) == ["0", "1", "2", "3"]
+
+
+def test_unsatisfiable_unknown_and_timeout(tmp_path: Path) -> None:
+    with running_agent(tmp_path, gpu_pool(2)) as agent, agent.client() as c:
+        t0 = time.monotonic()
+        with pytest.raises(Unsatisfiable):
+            c.acquire(gpus=3, timeout=None)  # would wait forever if it were queued
+        with pytest.raises(UnknownResourceType):
+            c.acquire({"fpgas": 1}, timeout=None)
+        assert time.monotonic() - t0 < 2
+        held = c.acquire(gpus=2)
+        with agent.client() as other:
+            t0 = time.monotonic()
+            with pytest.raises(Timeout):
+                other.acquire(gpus=1, timeout=0.3)
+            assert 0.25 < time.monotonic() - t0 < 3
+        held.release()
+
+
+def test_release_by_lease_id_from_another_connection_of_the_same_user(tmp_path: Path) -> None:
+    with running_agent(tmp_path) as agent, agent.client() as a, agent.client() as b:
+        lease = a.acquire(gpus=1)
+        with pytest.raises(UnknownLease):
+            b.release("nope")
+        assert [le["id"] for le in agent.status()["leases"]] == [lease.id]
+        b.release(lease.id)  # `rpool-agent release ID` from a shell of the same user
+        assert agent.status()["leases"] == []
+
+
+def raw_exchange(path: str, payload: bytes, *, read: bool = True) -> list[dict[str, Any]]:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    s.settimeout(5)
+    s.sendall(payload)
+    s.shutdown(socket.SHUT_WR)
+    data = b""
+    while read:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    s.close()
+    return [json.loads(line) for line in data.splitlines() if line.strip()]
+
+
+HELLO = b'{"id":0,"op":"hello","version":1}\n'
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        (b"this is not json\n", "malformed"),
+        (b"[1,2,3]\n", "malformed"),
+        (b'{"id":1,"op":"frobnicate"}\n', "unknown_op"),
+        (b'{"id":1,"op":"acquire","request":{"gpus":-1}}\n', "bad_request"),
+        (b'{"id":1,"op":"acquire","request":{"gpus":true}}\n', "bad_request"),
+        (b'{"id":1,"op":"acquire","request":"gpus:1","timeout":"soon"}\n', "malformed"),
+        (b'{"id":1,"op":"acquire","request":{"gpus":1},"evil":1}\n', "malformed"),
+        (b'{"id":1,"op":"release","lease":["x"]}\n', "malformed"),
+        (b"[" * 50000 + b"\n", "malformed"),
+        (b'{"id":1,"op":"acquire","request":{"gpus":' + b"9" * 5000 + b"}}\n", "malformed"),
+    ],
+)
+def test_hostile_messages_get_errors_and_the_server_keeps_serving(
+    tmp_path: Path, payload: bytes, code: str
+) -> None:
+    with running_agent(tmp_path) as agent:
+        replies = raw_exchange(agent.socket, HELLO + payload)
+        assert replies[0]["ok"] is True
+        assert replies[1]["ok"] is False
+        assert replies[1]["error"]["code"] in (code, "bad_request", "malformed")
+        with agent.client() as c:
+            assert c.acquire(gpus=4).resources["gpus"]
+        assert agent.proc.poll() is None
+
+
+def test_oversized_message_closes_the_connection_only(tmp_path: Path) -> None:
+    with running_agent(tmp_path) as agent:
+        replies = raw_exchange(agent.socket, HELLO + b"x" * (70 * 1024))
+        assert replies[-1]["error"]["code"] == "too_large"
+        with agent.client() as c:
+            assert c.status()["types"]["gpus"]["free"] == 4
+
+
+def test_handshake_is_required_first(tmp_path: Path) -> None:
+    with running_agent(tmp_path) as agent:
+        replies = raw_exchange(agent.socket, b'{"id":1,"op":"status"}\n')
+        assert replies[0]["ok"] is False
+        assert "hello" in replies[0]["error"]["message"]
+        replies = raw_exchange(agent.socket, b'{"id":1,"op":"hello","version":99}\n')
+        assert replies[0]["error"]["code"] == "version"
+
+
+def test_sigterm_stops_cleanly_and_removes_the_socket(tmp_path: Path) -> None:
+    with running_agent(tmp_path) as agent:
+        assert Path(agent.socket).exists()
+        assert agent.stop() == 0
+        assert not Path(agent.socket).exists()
+        assert "stopped" in agent.log()
+        assert "Traceback" not in agent.log()
+
+
+def test_second_agent_on_the_same_socket_refuses_to_start(tmp_path: Path) -> None:
+    with running_agent(tmp_path) as agent:
+        pool = tmp_path / "agent-pool.yaml"
+        r = subprocess.run(
+            [PY, "-m", "rpool_agent.cli", "serve", "--pool", str(pool), "--socket", agent.socket],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert r.returncode != 0
+        assert "already listens" in r.stderr
+        assert "Traceback" not in r.stderr
+        assert agent.status()["types"]["gpus"]["total"] == 4
+
+
+def test_stale_socket_file_is_replaced(tmp_path: Path) -> None:
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(tmp_path / "agent.sock"))
+    stale.close()  # the file stays, nobody listens
+    with running_agent(tmp_path) as agent:
+        assert agent.status()["types"]["gpus"]["total"] == 4
+
+
+def test_client_without_agent_gets_a_clear_error(tmp_path: Path) -> None:
+    env = {**os.environ, "RPOOL_AGENT_SOCKET": str(tmp_path / "none.sock")}
+    r = subprocess.run(
+        [PY, "-m", "rpool_agent.cli", "status"], env=env, capture_output=True, text=True
+    )
+    assert r.returncode == 1
+    assert "no agent at" in r.stderr
+    assert "Traceback" not in r.stderr
