@@ -242,8 +242,11 @@ def reap_latency(agent_sock: str, echo_proc: subprocess.Popen[str], echo_sock: s
         time.sleep(0.02)
         t0 = time.monotonic()
         os.kill(plain.pid, signal.SIGKILL)
-        eof_line = echo_proc.stderr.readline()
-        floors.append(float(eof_line.split()[1]) - t0)
+        while True:  # skip EOFs of earlier benchmark clients
+            eof_at = float(echo_proc.stderr.readline().split()[1])
+            if eof_at >= t0:
+                break
+        floors.append(eof_at - t0)
         plain.wait()
     waiter.close()
     return statistics.median(grants) * 1000, statistics.median(floors) * 1000

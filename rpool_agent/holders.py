@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 _UCRED = struct.Struct("3i")
@@ -24,7 +24,8 @@ class Holder:
     starttime: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Not dataclasses.asdict: this runs on every grant and asdict deep-copies slowly.
+        return {"pid": self.pid, "uid": self.uid, "gid": self.gid, "starttime": self.starttime}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Holder:

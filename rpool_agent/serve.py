@@ -7,6 +7,7 @@ from cli.py so tests and embedders can start an agent without typer.
 from __future__ import annotations
 
 import grp
+import os
 import sys
 from typing import Any
 
@@ -62,7 +63,7 @@ def build_server(cfg: Any) -> Any:
         admin_gid=group_id(cfg.admin_group, "admin group"),
         socket_gid=group_id(cfg.socket_group, "socket group"),
         socket_mode=cfg.socket_mode,
-        notify=systemd.notify,
+        notify=systemd.notify if os.environ.get("NOTIFY_SOCKET") else None,
         pool_loader=lambda: load_pool(cfg),
         watchdog_interval=systemd.watchdog_interval(),
     )

@@ -186,7 +186,10 @@ class Server:
         self.state = state
         self.pool_loader = pool_loader
         self.watchdog_interval = watchdog_interval
-        self._lease_ids = (secrets.token_hex(4) + f"{i:x}" for i in itertools.count(1))
+        # A random prefix per agent start keeps ids unique across restarts (a re-adopted
+        # lease keeps its id); the counter keeps them unique, and cheap, within one.
+        prefix = secrets.token_hex(3)
+        self._lease_ids = (f"{prefix}-{i:x}" for i in itertools.count(1))
         self.allocator = Allocator(pool, new_lease_id=lambda: next(self._lease_ids))
         self.connections: dict[int, Connection] = {}
         self.extras: dict[str, LeaseExtras] = {}
@@ -197,6 +200,8 @@ class Server:
         self._server: asyncio.AbstractServer | None = None
         self._stopped: asyncio.Event | None = None
         self._owned_socket = False
+        self._status_pending = False
+        self._log_lines: list[str] = []
 
     # --- connections ------------------------------------------------------------------
 
@@ -372,14 +377,14 @@ class Server:
         rtype, rid = _resource_arg(call.args.get("resource"))
         reason = call.args.get("reason") or ""
         self.allocator.drain(rtype, rid, str(reason)[:256])
-        self.log(f"drain {rtype}:{rid} reason={reason!r}")
+        self._log(f"drain {rtype}:{rid} reason={reason!r}")
         return {"drained": f"{rtype}:{rid}"}
 
     def op_undrain(self, conn: Connection, call: protocol.Call) -> Any:
         self._require_admin(conn)
         rtype, rid = _resource_arg(call.args.get("resource"))
         self.dispatch(self.allocator.undrain(rtype, rid))
-        self.log(f"undrain {rtype}:{rid}")
+        self._log(f"undrain {rtype}:{rid}")
         return {"undrained": f"{rtype}:{rid}"}
 
     def op_reload(self, conn: Connection, call: protocol.Call) -> Any:
@@ -420,31 +425,33 @@ class Server:
     def _on_granted(self, ev: Granted) -> None:
         lease: Lease = ev.lease
         conn = self._routes.pop(ev.req_id, None)
-        holder = Holder.from_dict(dict(lease.holder))
+        if conn is not None:
+            conn.pending.discard(ev.req_id)
+        holder = Holder.from_dict(lease.holder)
         extras = LeaseExtras(token=secrets.token_hex(16), holder=holder)
         self.extras[lease.id] = extras
         if lease.owner[0] == "pid":
             extras.pidfd = open_pidfd(holder.pid, holder.starttime)
             if extras.pidfd is None:  # the holder died while its request waited
+                self._log(f"grant {lease.id} to pid={holder.pid}, which has exited")
+                if conn is not None:
+                    gone = UnknownLease(f"process {holder.pid} exited before the grant")
+                    conn.send(protocol.error(ev.req_id[1], gone))
                 self.dispatch(self.allocator.disconnect(lease.owner))
-            else:
-                loop = asyncio.get_running_loop()
-                loop.add_reader(extras.pidfd, self._holder_exited, lease.owner)
-        self.log(
-            f"grant {lease.id} {_fmt_resources(lease)} pid={holder.pid} uid={holder.uid}"
-            + (f" label={lease.label!r}" if lease.label else "")
-        )
+                return
+            asyncio.get_running_loop().add_reader(extras.pidfd, self._holder_exited, lease.owner)
         doc = self.lease_document(lease, with_token=True)
+        self._log(
+            f"grant {lease.id} {_fmt_resources(doc['resources'])} pid={holder.pid} "
+            f"uid={holder.uid}" + (f" label={lease.label!r}" if lease.label else "")
+        )
         if ev.req_id in self._want_files:
             self._want_files.discard(ev.req_id)
             extras.files = self._write_files(lease, doc, holder)
             doc["files"] = dataclasses.asdict(extras.files)
         if conn is not None:
-            conn.pending.discard(ev.req_id)
             conn.send(protocol.ok(ev.req_id[1], doc))
-        if self.state is not None:
-            self.state.save(self)
-        self._notify_status()
+        self._changed()
 
     def _write_files(self, lease: Lease, doc: dict[str, Any], holder: Holder) -> Any:
         """Per-lease pool files, readable by the holder alone, removed when the lease ends."""
@@ -469,10 +476,8 @@ class Server:
                 from .handoff import remove_lease_files
 
                 remove_lease_files(extras.files)
-        self.log(f"{how} {lease_id}")
-        if self.state is not None:
-            self.state.save(self)
-        self._notify_status()
+        self._log(f"{how} {lease_id}")
+        self._changed()
 
     def _close_pidfd(self, extras: LeaseExtras) -> None:
         if extras.pidfd is not None:
@@ -529,7 +534,36 @@ class Server:
         parts = [f"{v['free']} {t} free of {v['total']}" for t, v in snap["types"].items()]
         return f"{'; '.join(parts) or 'empty pool'}; {len(self.allocator.leases)} leases"
 
+    def _changed(self) -> None:
+        """The lease table changed: persist it (before any reply leaves), tell systemd."""
+        if self.state is not None:
+            self.state.save(self)
+        self._notify_status()
+
+    def _log(self, line: str) -> None:
+        """One log line per event, written once per loop turn: a busy agent makes one
+        write for a burst of grants instead of one per grant."""
+        self._log_lines.append(line)
+        if len(self._log_lines) == 1:
+            try:
+                asyncio.get_running_loop().call_soon(self._flush_log)
+            except RuntimeError:
+                self._flush_log()
+
+    def _flush_log(self) -> None:
+        lines, self._log_lines = self._log_lines, []
+        if lines:
+            self.log("\n".join(lines))
+
     def _notify_status(self) -> None:
+        """STATUS= for systemd, coalesced: at most one per 50 ms however busy we are."""
+        if self.notify is None or self._status_pending:
+            return
+        self._status_pending = True
+        asyncio.get_running_loop().call_later(0.05, self._send_status)
+
+    def _send_status(self) -> None:
+        self._status_pending = False
         if self.notify is not None:
             self.notify(f"STATUS={self.status_line()}")
 
@@ -539,7 +573,7 @@ class Server:
         pool = self.pool_loader()
         self.pool = pool
         self.dispatch(self.allocator.set_pool(pool))
-        self.log(f"reload: {pool.summary()}")
+        self._log(f"reload: {pool.summary()}")
         return {"reloaded": True, "pool": pool.summary()}
 
     # --- lifetime ---------------------------------------------------------------------
@@ -604,6 +638,7 @@ class Server:
             self.log(f"reload failed, keeping the old pool: {exc}")
 
     async def close(self) -> None:
+        self._flush_log()
         if self._server is not None:
             self._server.close()
         for conn in list(self.connections.values()):
@@ -623,10 +658,10 @@ def _resource_arg(value: Any) -> tuple[str, str]:
     return rtype, rid
 
 
-def _fmt_resources(lease: Lease) -> str:
+def _fmt_resources(resources: dict[str, list[dict[str, Any]]]) -> str:
     return " ".join(
         f"{t}:" + ",".join(f"{r['id']}" + (f"x{r['slots']}" if r["slots"] != 1 else "") for r in rs)
-        for t, rs in lease.resources().items()
+        for t, rs in resources.items()
     )
 
 
