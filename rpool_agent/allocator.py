@@ -949,7 +949,11 @@ class Allocator:
 
     def _refresh(self, table: _Table, inst: _Inst) -> None:
         if inst.live and (table.type, inst.id) not in self._drained:
-            table.free.set(inst.pos, max(0, inst.slots - inst.used))
+            free = max(0, inst.slots - inst.used)
+            if inst.pos in table.free.free:
+                table.free.set(inst.pos, free)
+            else:  # back from a drain
+                table.free.add(inst.pos, inst.node, free)
 
     def _rebuild_free(self, table: _Table) -> None:
         for inst in table.insts:
@@ -985,7 +989,7 @@ class Allocator:
         events: list[Event] = []
         granted: list[_Waiter] = []
         blocked: set[str] = set()
-        waiting = self._waiting_types
+        waiting = dict(self._waiting_types)  # types still waited for, as the walk goes
         for w in self._queue.values():
             if blocked and not blocked.isdisjoint(w.types):
                 blocked |= w.types
@@ -1005,8 +1009,6 @@ class Allocator:
             if blocked.issuperset(t for t, n in waiting.items() if n > 0):
                 break
         for w in granted:
-            for t in w.types:
-                waiting[t] += 1
             self._drop_waiter(w)
         return events
 
