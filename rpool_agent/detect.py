@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
@@ -27,7 +26,7 @@ if TYPE_CHECKING:
 
 
 def detect_pool(
-    root: str | os.PathLike[str] = "/",
+    root: str | os.PathLike[str] | Root = "/",
     *,
     hyperthreads: bool = False,
     slots_per_gpu: int = 1,
@@ -55,7 +54,7 @@ def detect_pool(
 
 
 def topology_report(
-    root: str | os.PathLike[str] = "/", *, gpu_report: GpuReport | None = None
+    root: str | os.PathLike[str] | Root = "/", *, gpu_report: GpuReport | None = None
 ) -> dict[str, Any]:
     """Every probe field plus the counts tools compare with hwloc (JSON-ready).
 
@@ -102,12 +101,13 @@ def hostname(root: Root) -> str:
 # --- building blocks ------------------------------------------------------------------------
 
 
-def _root(root: str | os.PathLike[str]) -> Root:
+def _root(root: str | os.PathLike[str] | Root) -> Root:
     from .probes.sysfs import Root
 
-    if not Path(root).is_dir():
-        raise ProbeError(f"system root {str(root)!r} is not a directory")
-    return Root(root)
+    r = root if isinstance(root, Root) else Root(root)
+    if not r.path.is_dir():
+        raise ProbeError(f"system root {str(r.path)!r} is not a directory")
+    return r
 
 
 def _probe_cpu_numa(r: Root) -> tuple[CpuTopology, NumaTopology]:
