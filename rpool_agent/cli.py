@@ -91,14 +91,14 @@ def convert(
     to = _pool_format("--to", to, auto=False)
     pool = load_file(file, format=_pool_format("--from", source_form, auto=True))
     text, notes = render(pool, to)
-    _write_text(text, output)  # (in the detect section) stdout, or atomically to a file
+    from .detect_cmd import write_text
+
+    write_text(text, output)  # stdout, or atomically to a file
     for note in notes:
         typer.echo(f"rpool-agent: note: {to}: {note}", err=True)
 
 
 # --- hardware: detect ---------------------------------------------------------------------
-
-_DETECT_FORMATS = ("canary", "canary-nodes", "ctest", "json")
 
 
 @app.command()
@@ -120,48 +120,20 @@ def detect(
     output: str | None = typer.Option(None, "--output", "-o", help="Write here, not stdout."),
 ) -> None:
     """Probe CPUs, NUMA nodes and NVIDIA GPUs; print the pool this process may use."""
-    from .detect import detect_pool, topology_report
-    from .probes.nvidia import probe_gpus
+    from .detect_cmd import run_detect
+    from .errors import ConfigError
 
-    if form not in _DETECT_FORMATS:
-        raise fail(f"--format must be one of {', '.join(_DETECT_FORMATS)}, not {form!r}", 2)
-    gpus = probe_gpus(sysroot)
-    if form == "json":
-        import json
-
-        text = json.dumps(topology_report(sysroot, gpu_report=gpus), indent=2) + "\n"
-    else:
-        from .formats import dumps
-
-        pool = detect_pool(
-            sysroot,
+    try:
+        run_detect(
+            form,
             hyperthreads=hyperthreads,
             slots_per_gpu=slots_per_gpu,
             mig=mig,
-            gpu_report=gpus,
+            sysroot=sysroot,
+            output=output,
         )
-        text = dumps(pool, form)  # CTest's spec drops topology: expected, so no notes
-    if gpus.problem:
-        typer.echo(f"rpool-agent: {gpus.problem}", err=True)
-    _write_text(text, output)
-
-
-def _write_text(text: str, output: str | None) -> None:
-    """To stdout (`None` or `-`), or atomically to a file: readers never see half of it."""
-    import os
-
-    if output is None or output == "-":
-        sys.stdout.write(text)
-        return
-    tmp = f"{output}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, output)
-    except OSError as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise fail(f"cannot write {output}: {exc.strerror or exc}") from None
+    except ConfigError as exc:
+        raise fail(str(exc), 2) from None
 
 
 # --- lease daemon and clients: serve, run, acquire, release, status, drain ---------------
@@ -209,6 +181,8 @@ def serve(
     serve_main(config, {k: v for k, v in given.items() if v is not None})
 
 
+# Options end at the command: `run --gpus 1 cmd --gpus 3` gives cmd its own --gpus, and an
+# unknown option before the command is an error, not a command named "--bogus".
 _RUN_SETTINGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
