@@ -18,9 +18,9 @@ placement and cannot fail. Placement rules (docs/allocation.md):
   the fewest free slots that fit, pool order on ties.
 
 The search is greedy and bounded: O(nodes * (nodes + units)) per request, never
-CTest's backtracking (whose worst case is n!). With 1-slot instances (cores, whole GPUs)
-greedy is exact; with multi-slot instances a request that fits only by backtracking is
-treated as not fitting. The satisfiability check runs the same planner on the whole
+CTest's backtracking (whose worst case is n!). When every unit is one slot greedy is
+exact; with larger units on multi-slot instances a request that fits only by backtracking
+is treated as not fitting. The satisfiability check runs the same planner on the whole
 (empty) pool, so whatever is accepted into the queue is placed once its types are free.
 
 Queue: first come, first served with safe backfill. The walk over waiters keeps a set of
@@ -34,7 +34,7 @@ from __future__ import annotations
 import heapq
 import math
 from bisect import bisect_left, insort
-from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Union
@@ -243,18 +243,47 @@ class FreeIndex:
     and per-node totals answer "can this node hold it" in O(1). Positions are pool order.
     """
 
-    __slots__ = ("_buckets", "_keys", "free", "node_of", "nodes", "topological", "totals")
+    __slots__ = ("_buckets", "_keys", "free", "node_of", "nodes", "topological", "total", "totals")
 
     def __init__(self, nodes: Iterable[NodeKey]) -> None:
         self.nodes: list[NodeKey] = sorted(set(nodes), key=_node_rank)
         self.topological = any(n is not None for n in self.nodes)
         self.totals: dict[NodeKey, int] = dict.fromkeys(self.nodes, 0)
+        self.total = 0  # over all nodes
         self._buckets: dict[NodeKey, dict[int, list[int]]] = {n: {} for n in self.nodes}
         self._keys: dict[NodeKey, list[int]] = {n: [] for n in self.nodes}
         self.free: dict[int, int] = {}
         self.node_of: dict[int, NodeKey] = {}
 
     def add(self, pos: int, node: NodeKey, free: int) -> None:
+        self._file(node, free, pos)
+        self.free[pos] = free
+        self.node_of[pos] = node
+        self.totals[node] += free
+        self.total += free
+
+    def discard(self, pos: int) -> None:
+        free = self.free.pop(pos, None)
+        if free is None:
+            return
+        node = self.node_of.pop(pos)
+        self._unfile(node, free, pos)
+        self.totals[node] -= free
+        self.total -= free
+
+    def set(self, pos: int, free: int) -> None:
+        """Move a member to another bucket (the hot path of every grant and release)."""
+        old = self.free[pos]
+        if old == free:
+            return
+        node = self.node_of[pos]
+        self._unfile(node, old, pos)
+        self._file(node, free, pos)
+        self.free[pos] = free
+        self.totals[node] += free - old
+        self.total += free - old
+
+    def _file(self, node: NodeKey, free: int, pos: int) -> None:
         bucket = self._buckets[node]
         members = bucket.get(free)
         if members is None:
@@ -262,15 +291,8 @@ class FreeIndex:
             insort(self._keys[node], free)
         else:
             insort(members, pos)
-        self.free[pos] = free
-        self.node_of[pos] = node
-        self.totals[node] += free
 
-    def discard(self, pos: int) -> None:
-        free = self.free.pop(pos, None)
-        if free is None:
-            return
-        node = self.node_of.pop(pos)
+    def _unfile(self, node: NodeKey, free: int, pos: int) -> None:
         bucket = self._buckets[node]
         members = bucket[free]
         del members[bisect_left(members, pos)]
@@ -278,13 +300,6 @@ class FreeIndex:
             del bucket[free]
             keys = self._keys[node]
             del keys[bisect_left(keys, free)]
-        self.totals[node] -= free
-
-    def set(self, pos: int, free: int) -> None:
-        if self.free.get(pos) != free:
-            node = self.node_of[pos]
-            self.discard(pos)
-            self.add(pos, node, free)
 
     def scan(self, node: NodeKey, k: int) -> Iterator[tuple[int, int]]:
         """(free, pos) of a node's instances with free >= k: fewest free, then pool order."""
@@ -304,7 +319,7 @@ _Units = list[tuple[int, int]]
 
 
 def place(
-    units: list[Unit], views: Mapping[str, FreeIndex], distinct: bool = False
+    units: Sequence[Unit], views: Mapping[str, FreeIndex], distinct: bool = False
 ) -> list[int] | None:
     """Where each unit goes (a pool-order position per unit, request order), or None.
 
@@ -314,7 +329,9 @@ def place(
     by_type: dict[str, _Units] = {}
     for i, u in enumerate(units):
         by_type.setdefault(u.type, []).append((u.slots, i))
-    for lst in by_type.values():
+    for rtype, lst in by_type.items():
+        if sum(s for s, _ in lst) > views[rtype].total:  # cheap "no" for a busy pool
+            return None
         lst.sort(key=lambda x: -x[0])
     out = [-1] * len(units)
     numa: list[str] = []
@@ -480,6 +497,14 @@ class _Table:
         self.cap = FreeIndex(nodes)  # every live instance empty: "could it ever fit?"
         for i in insts:
             self.cap.add(i.pos, i.node, i.slots)
+        self._slices: dict[tuple[int, int], Slice] = {}
+
+    def slice(self, pos: int, slots: int) -> Slice:
+        """The (immutable, so shared) Slice for `slots` of a live instance."""
+        got = self._slices.get((pos, slots))
+        if got is None:
+            got = self._slices[pos, slots] = Slice(self.type, self.insts[pos].id, slots)
+        return got
 
     def vanished(self, rid: str, used: int) -> _Inst:
         inst = _Inst(self.type, rid, len(self.insts) + len(self.by_id), 0, None, used, False)
@@ -754,7 +779,7 @@ class Allocator:
         inst = table.by_id.get(rid) if table else None
         if table is None or inst is None or not inst.live:
             return []
-        self._refresh(table, inst)
+        table.free.add(inst.pos, inst.node, max(0, inst.slots - inst.used))
         return self._retry(now)
 
     # --- status ---------------------------------------------------------------------------
@@ -882,8 +907,7 @@ class Allocator:
     def _slices(self, request: Request, positions: list[int]) -> tuple[tuple[Slice, ...], ...]:
         it = iter(positions)
         return tuple(
-            tuple(Slice(u.type, self._tables[u.type].insts[next(it)].id, u.slots) for u in g)
-            for g in request.groups
+            tuple(self._tables[u.type].slice(next(it), u.slots) for u in g) for g in request.groups
         )
 
     # --- internals: commit and release (cannot fail) -------------------------------------
@@ -908,7 +932,7 @@ class Allocator:
             inst = table.insts[pos]
             inst.used += slots
             self._refresh(table, inst)
-            held.append(Slice(rtype, inst.id, slots))
+            held.append(table.slice(pos, slots))
         lease = Lease(
             id=lease_id,
             owner=owner,
@@ -948,12 +972,9 @@ class Allocator:
                 del table.by_id[s.id]
 
     def _refresh(self, table: _Table, inst: _Inst) -> None:
-        if inst.live and (table.type, inst.id) not in self._drained:
-            free = max(0, inst.slots - inst.used)
-            if inst.pos in table.free.free:
-                table.free.set(inst.pos, free)
-            else:  # back from a drain
-                table.free.add(inst.pos, inst.node, free)
+        """Re-file an instance's free slots; only live, undrained ones are in the index."""
+        if inst.pos in table.free.free:
+            table.free.set(inst.pos, max(0, inst.slots - inst.used))
 
     def _rebuild_free(self, table: _Table) -> None:
         for inst in table.insts:
@@ -989,24 +1010,31 @@ class Allocator:
         events: list[Event] = []
         granted: list[_Waiter] = []
         blocked: set[str] = set()
-        waiting = dict(self._waiting_types)  # types still waited for, as the walk goes
+        waiting = dict(self._waiting_types)  # type -> waiters not granted (yet) in this walk
+        open_types = len(waiting)  # types still waited for and not blocked: 0 ends the walk
         for w in self._queue.values():
-            if blocked and not blocked.isdisjoint(w.types):
-                blocked |= w.types
-            else:
+            types = w.types
+            if blocked.isdisjoint(types):
                 positions = self._place(w.request)
-                if positions is None:
-                    blocked |= w.types
-                else:
+                if positions is not None:
                     lease = self._commit(
                         w.owner, w.request, positions, self._now, w.label, w.holder
                     )
                     events.append(Granted(w.owner, w.req_id, lease))
                     granted.append(w)
-                    for t in w.types:  # its types are no longer waited for (by it)
+                    for t in types:
                         waiting[t] -= 1
+                        if not waiting[t]:
+                            open_types -= 1
+                    if not open_types:
+                        break
                     continue
-            if blocked.issuperset(t for t, n in waiting.items() if n > 0):
+            elif types <= blocked:  # skipped, and nothing new is blocked
+                continue
+            new = types - blocked  # each is waited for (by w at least) and now blocked
+            blocked |= new
+            open_types -= len(new)
+            if not open_types:
                 break
         for w in granted:
             self._drop_waiter(w)

@@ -71,13 +71,17 @@ class Request:
             groups = (tuple(sorted(groups[0], key=lambda u: order.index(u.type))),)
         object.__setattr__(self, "groups", groups)
         object.__setattr__(self, "distinct", distinct)
+        # derived once: the allocator asks for these on every grant decision
+        units = tuple(u for g in groups for u in g)
+        object.__setattr__(self, "_units", units)
+        object.__setattr__(self, "_types", frozenset(u.type for u in units))
 
     def types(self) -> frozenset[str]:
-        return frozenset(u.type for g in self.groups for u in g)
+        return self._types  # type: ignore[attr-defined, no-any-return]
 
-    def units(self) -> list[Unit]:
+    def units(self) -> tuple[Unit, ...]:
         """All units, group after group, in request order."""
-        return [u for g in self.groups for u in g]
+        return self._units  # type: ignore[attr-defined, no-any-return]
 
     def totals(self) -> dict[str, int]:
         """Slots asked for per type (first appearance order)."""
