@@ -572,7 +572,9 @@ class Allocator:
         return [(w.owner, w.req_id) for w in self._queue.values()]
 
     def plan(self, request: Request) -> tuple[tuple[Slice, ...], ...] | None:
-        """Where `request` would go right now, ignoring the queue (None: not free now)."""
+        """Where `request` would go right now, ignoring the queue (None: not free now).
+
+        Raises UnknownResourceType for a type the pool does not have."""
         request = self._normalize(request)
         positions = self._place(request)
         return None if positions is None else self._slices(request, positions)
