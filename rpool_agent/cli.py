@@ -183,7 +183,7 @@ def serve(
 
 # Options end at the command: `run --gpus 1 cmd --gpus 3` gives cmd its own --gpus, and an
 # unknown option before the command is an error, not a command named "--bogus".
-_RUN_SETTINGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+_RUN_SETTINGS = {"allow_interspersed_args": False}
 
 
 @app.command(context_settings=_RUN_SETTINGS)

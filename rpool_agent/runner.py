@@ -14,7 +14,7 @@ import shlex
 import sys
 from typing import Any
 
-from .errors import RequestError
+from .errors import ConfigError, RequestError
 
 
 def parse_cli_request(request: str | None, gpus: int, cpus: int) -> Any:
@@ -61,17 +61,52 @@ def run_in_lease(
     fd = client.fileno()
     os.set_inheritable(fd, True)
     env["RPOOL_LEASE_FD"] = str(fd)
-    leased = lease.cpus
-    if leased:
-        os.sched_setaffinity(0, leased)
+    _set_affinity(lease.cpus)
     sys.stdout.flush()
     sys.stderr.flush()
+    _restore_signals()
     try:
         os.execvpe(argv[0], argv, env)
     except OSError as exc:
         print(f"rpool-agent: cannot run {argv[0]!r}: {exc.strerror}", file=sys.stderr)
         return 127 if isinstance(exc, FileNotFoundError) else 126
     return 0  # pragma: no cover - execvpe does not return
+
+
+def _set_affinity(cpus: list[int]) -> None:
+    """Confine this process (and so the command) to the leased hardware CPUs.
+
+    A lease without CPUs leaves the affinity as inherited. If none of the leased CPUs is
+    one this process may run on (the agent serves a pool from another machine, or a
+    cpuset excludes them), running anyway would put the command on CPUs the lease does
+    not hold: refuse, in one line.
+    """
+    if not cpus:
+        return
+    try:
+        os.sched_setaffinity(0, cpus)
+    except OSError as exc:
+        from .probes.sysfs import format_cpulist
+
+        allowed = format_cpulist(os.sched_getaffinity(0))
+        raise ConfigError(
+            f"cannot bind to the leased CPUs {format_cpulist(cpus)} ({exc.strerror}); "
+            f"this process may run on {allowed} only: is the agent's pool from this machine?"
+        ) from None
+
+
+def _restore_signals() -> None:
+    """Undo the SIG_IGN Python sets for SIGPIPE and SIGXFSZ, which exec would keep.
+
+    Without this `rpool-agent run -- yes | head -1` has `yes` complain about a broken pipe
+    instead of dying quietly; `subprocess` does the same reset (restore_signals=True).
+    """
+    import signal
+
+    for name in ("SIGPIPE", "SIGXFSZ"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            signal.signal(sig, signal.SIG_DFL)
 
 
 def acquire_for_script(
