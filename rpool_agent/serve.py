@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import grp
 import os
+import socket
 import sys
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from .errors import ConfigError, RpoolAgentError
@@ -45,8 +48,12 @@ def group_id(name: str | None, what: str) -> int | None:
         raise ConfigError(f"{what} {name!r}: no such group") from None
 
 
-def build_server(cfg: Any) -> Any:
-    """A configured, not yet started `Server` (pool loaded, limits, state store)."""
+def build_server(cfg: Any, reload_config: Callable[[], Any] | None = None) -> Any:
+    """A configured, not yet started `Server` (pool loaded, limits, state store).
+
+    `reload_config` gives the configuration a reload (SIGHUP, `reload`) loads the pool
+    from: `serve` re-reads its config file there, so an edited file takes effect.
+    """
     from . import systemd
     from .server import Limits, Server
 
@@ -64,7 +71,7 @@ def build_server(cfg: Any) -> Any:
         socket_gid=group_id(cfg.socket_group, "socket group"),
         socket_mode=cfg.socket_mode,
         notify=systemd.notify if os.environ.get("NOTIFY_SOCKET") else None,
-        pool_loader=lambda: load_pool(cfg),
+        pool_loader=lambda: load_pool(reload_config() if reload_config else cfg),
         watchdog_interval=systemd.watchdog_interval(),
     )
 
@@ -74,12 +81,31 @@ def serve_main(config_path: str | None, given: dict[str, Any]) -> None:
     from .config import load_serve_config
     from .server import run_server
 
-    cfg = load_serve_config(config_path, given).resolved()
-    server = build_server(cfg)
     inherited = systemd.listen_fds()
     if len(inherited) > 1:
         raise RpoolAgentError(f"expected one inherited socket, systemd passed {len(inherited)}")
     sock = inherited[0] if inherited else None
+    if config_path is not None:  # re-read on reload: name the same file then, and in errors
+        config_path = os.path.abspath(config_path)
+    cfg = load_serve_config(config_path, given)
     if sock is not None:
-        server.socket_path = sock.getsockname() or server.socket_path
+        # The socket systemd made is where clients are, and per-lease files go beside
+        # it; a configured path (or the default, which may not even resolve) is moot.
+        cfg = replace(cfg, socket=inherited_path(sock) or cfg.socket)
+    server = build_server(cfg.resolved(), lambda: load_serve_config(config_path, given))
     run_server(server, sock)
+
+
+def inherited_path(sock: socket.socket) -> str | None:
+    """The filesystem path of an inherited listening socket; None for an abstract one.
+
+    Raises ConfigError for anything but a Unix stream socket (a `ListenStream=` port or
+    a `ListenDatagram=` in the .socket unit), which the agent cannot serve on.
+    """
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        raise ConfigError(
+            f"the inherited socket is {sock.family.name}/{sock.type.name}; "
+            "the agent needs a Unix stream socket (ListenStream=/PATH)"
+        )
+    name = sock.getsockname()
+    return name if isinstance(name, str) and name.startswith("/") else None

@@ -632,10 +632,18 @@ class Server:
         return self._stopped
 
     def _on_sighup(self) -> None:
+        # RELOADING=1 ... READY=1 brackets the reload for systemd (`systemctl status` shows
+        # "reloading"); MONOTONIC_USEC is what Type=notify-reload (systemd 253+) requires.
+        if self.notify is not None:
+            usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+            self.notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")
         try:
             self.reload()
         except RpoolAgentError as exc:
             self.log(f"reload failed, keeping the old pool: {exc}")
+        finally:
+            if self.notify is not None:
+                self.notify(f"READY=1\nSTATUS={self.status_line()}")
 
     async def close(self) -> None:
         self._flush_log()
