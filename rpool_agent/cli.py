@@ -197,12 +197,21 @@ def run(
     timeout: float | None = typer.Option(None, "--timeout", min=0, help="Seconds to wait."),
     label: str | None = typer.Option(None, "--label", help="Shown in status."),
 ) -> None:
-    """Lease resources, then exec CMD inside the lease ({ctest_spec}, {pool}, {pool_nodes})."""
-    from .runner import run_in_lease
+    """Lease resources, then exec CMD inside the lease ({ctest_spec}, {pool}, {pool_nodes}).
 
-    raise typer.Exit(
-        run_in_lease(cmd, gpus=gpus, cpus=cpus, request=request, timeout=timeout, label=label)
-    )
+    Exit status: CMD's own; 125 when run itself fails (no agent, refused, timed out), 126
+    when CMD cannot be executed, 127 when it is not found, like env(1) and timeout(1).
+    """
+    from .errors import RpoolAgentError
+    from .runner import RUN_FAILED, run_in_lease
+
+    try:
+        code = run_in_lease(
+            cmd, gpus=gpus, cpus=cpus, request=request, timeout=timeout, label=label
+        )
+    except RpoolAgentError as exc:
+        raise fail(str(exc), RUN_FAILED) from None
+    raise typer.Exit(code)
 
 
 @app.command()

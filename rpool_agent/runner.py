@@ -16,6 +16,10 @@ from typing import Any
 
 from .errors import ConfigError, RequestError
 
+#: `run`'s own failure (no agent, refused, timed out), told apart from the command's
+#: statuses as env(1) and timeout(1) do: 126 cannot execute, 127 not found.
+RUN_FAILED = 125
+
 
 def parse_cli_request(request: str | None, gpus: int, cpus: int) -> Any:
     """`--request` (RESOURCE_GROUPS string, or JSON items/mapping) or `--gpus/--cpus`."""
