@@ -1,6 +1,6 @@
 """Benchmark: the allocator's grant decision on a big node with a long queue.
 
-    python bench/allocator.py [--rounds 400] [--queue 1000]
+    python bench/allocator.py [--rounds 400] [--queue 1000] [--only cycle] [--against REV]
 
 Pool: 1024 CPUs and 16 GPUs on 8 NUMA nodes (128 CPUs and 2 GPUs per node). Measured in
 one run, medians and p99 in microseconds:
@@ -15,6 +15,18 @@ one run, medians and p99 in microseconds:
   satisfiability check of a request never seen before (an uncached planner run on the
   whole pool).
 
+- the server's hot path, one acquire+release cycle without the socket: `parse_request`
+  of a freshly decoded wire value + `submit` (granted at once) + `release`, for
+  `{"cpus": 1}` and `{"gpus": 1, "cpus": 2}`, on a flat pool (256 cpus, 8 gpus, no NUMA
+  properties) and on the big pool. Each step is also timed alone (wall clock only: the
+  CPU clock is a system call, too slow to wrap a microsecond step); the cycle row is
+  timed in batches, wall and CPU.
+
+`--against REV` runs the same sections on the `rpool_agent` package of git revision REV
+(exported to a temporary directory, run in a child process) in the same run, and prints
+before/after CPU medians side by side. Issue 4's speed target puts a whole cycle through
+the server at about 50 us, so parsing plus allocation should be a few us.
+
 Target (issue 4): the grant decision stays under 1 ms with this pool and queue. Writes
 the numbers as JSON to bench/results/. A benchmark, not a test: nothing here fails a
 build.
@@ -25,10 +37,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import platform
 import random
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +56,13 @@ from rpool_agent.requests import Request, Unit, parse_request
 HERE = Path(__file__).resolve().parent
 TARGET_US = 1000.0
 NODES, CPUS_PER_NODE, GPUS_PER_NODE = 8, 128, 2
+FLAT_CPUS, FLAT_GPUS = 256, 8
+SECTIONS = ("cycle", "baseline", "loaded", "walk", "planner")
+
+#: The cycle rows' requests, as JSON text: each cycle decodes a fresh value, as the server does
+CYCLE_REQUESTS = {"cpus=1": '{"cpus": 1}', "gpus=1,cpus=2": '{"gpus": 1, "cpus": 2}'}
+#: What the server passes as `holder` (peer credentials)
+HOLDER = {"pid": 4242, "uid": 1000, "gid": 1000}
 
 # What the waiters ask for: mixed shapes, every form
 SHAPES = [
@@ -69,9 +91,16 @@ def big_pool() -> Pool:
     return Pool.single({"cpus": cpus, "gpus": gpus})
 
 
-def new_allocator() -> Allocator:
+def flat_pool() -> Pool:
+    """No numa_node properties: every type is one group (a VM, a laptop, a hand-written pool)."""
+    cpus = [Instance(str(i), 1) for i in range(FLAT_CPUS)]
+    gpus = [Instance(str(i), 1) for i in range(FLAT_GPUS)]
+    return Pool.single({"cpus": cpus, "gpus": gpus})
+
+
+def new_allocator(pool: Pool | None = None) -> Allocator:
     counter = itertools.count(1)
-    return Allocator(big_pool(), new_lease_id=lambda: f"L{next(counter)}")
+    return Allocator(pool or big_pool(), new_lease_id=lambda: f"L{next(counter)}")
 
 
 #: Samples of one operation: wall-clock and this thread's CPU time, in microseconds. On a
@@ -107,6 +136,49 @@ def stats(samples: Samples) -> dict[str, float]:
         "cpu_p99_us": pct(cpu, 0.99),
         "n": len(wall),
     }
+
+
+def bench_cycle(rounds: int, batch: int = 50) -> dict[str, dict[str, float]]:
+    """parse_request + submit + release, the allocator's share of one acquire+release."""
+    out: dict[str, dict[str, float]] = {}
+    clock = time.perf_counter
+    for pool_name, make in (("flat 256", flat_pool), ("numa 1024", big_pool)):
+        a = new_allocator(make())
+        for req_name, wire in CYCLE_REQUESTS.items():
+            parse, submit, release, cycle = (new_samples() for _ in range(4))
+            n = itertools.count()
+            for _ in range(rounds):
+                values = [json.loads(wire) for _ in range(batch)]
+                for v in values:  # each step alone
+                    i = next(n)
+                    t0 = clock()
+                    req = parse_request(v)
+                    t1 = clock()
+                    (ev,) = a.submit(i, i, req, now=1.0, timeout=None, holder=HOLDER)
+                    t2 = clock()
+                    a.release(i, ev.lease.id)
+                    t3 = clock()
+                    parse[0].append((t1 - t0) * 1e6)
+                    submit[0].append((t2 - t1) * 1e6)
+                    release[0].append((t3 - t2) * 1e6)
+                values = [json.loads(wire) for _ in range(batch)]
+
+                def cycles(values: list[Any] = values, a: Allocator = a, n: Any = n) -> None:
+                    for v in values:
+                        i = next(n)
+                        (ev,) = a.submit(
+                            i, i, parse_request(v), now=1.0, timeout=None, holder=HOLDER
+                        )
+                        a.release(i, ev.lease.id)
+
+                us(cycles, cycle, per=batch)
+            assert not a.leases
+            prefix = f"cycle {pool_name} {req_name}:"
+            for step, samples in (("parse", parse), ("submit", submit), ("release", release)):
+                samples[1].extend(samples[0])  # wall only (see the module docstring)
+                out[f"{prefix} {step}"] = stats(samples)
+            out[f"{prefix} whole cycle"] = stats(cycle)
+    return out
 
 
 def bench_baseline(rounds: int) -> dict[str, dict[str, float]]:
@@ -241,17 +313,64 @@ def bench_planner(rounds: int) -> dict[str, dict[str, float]]:
     return out
 
 
+def run_sections(args: argparse.Namespace) -> dict[str, Any]:
+    only = set(args.only or SECTIONS)
+    results: dict[str, Any] = {}
+    if "cycle" in only:
+        results.update(bench_cycle(max(10, args.rounds // 10)))
+    if "baseline" in only:
+        results.update(bench_baseline(args.rounds))
+    if "loaded" in only:
+        results.update(bench_loaded(args.rounds, args.queue))
+    if "walk" in only:
+        results.update(bench_long_walk(args.rounds, args.queue))
+    if "planner" in only:
+        results.update(bench_planner(max(50, args.rounds // 4)))
+    return results
+
+
+def run_against(rev: str, argv: list[str]) -> dict[str, Any]:
+    """The same sections on the rpool_agent package of git revision `rev`, in a child."""
+    root = HERE.parent
+    with tempfile.TemporaryDirectory() as tmp:
+        tar = subprocess.run(
+            ["git", "archive", rev, "rpool_agent"], cwd=root, check=True, capture_output=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=tar, check=True)
+        child = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), *argv, "--child"],
+            env={"PYTHONPATH": tmp, "PATH": "/usr/bin:/bin"},
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+    got: dict[str, Any] = json.loads(child.stdout)
+    if not got.pop("_package").startswith(tmp):
+        raise SystemExit(f"the child did not import rpool_agent from {rev}")
+    return got
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=400)
     ap.add_argument("--queue", type=int, default=1000)
+    ap.add_argument("--only", action="append", choices=SECTIONS, help="repeatable")
+    ap.add_argument("--against", metavar="REV", help="also run on git revision REV, compare")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    results: dict[str, Any] = {}
-    results.update(bench_baseline(args.rounds))
-    results.update(bench_loaded(args.rounds, args.queue))
-    results.update(bench_long_walk(args.rounds, args.queue))
-    results.update(bench_planner(max(50, args.rounds // 4)))
-    grants_per_release = results.pop("_grants_per_release")
+    passed = [f"--rounds={args.rounds}", f"--queue={args.queue}"]
+    passed += [f"--only={o}" for o in args.only or ()]
+    before = run_against(args.against, passed) if args.against else None
+    results = run_sections(args)
+    if args.child:
+        import rpool_agent
+
+        results["_package"] = rpool_agent.__file__
+        print(json.dumps(results))
+        return 0
+    grants_per_release = results.pop("_grants_per_release", None)
+    if before is not None:
+        before.pop("_grants_per_release", None)
 
     print(f"pool: {NODES * CPUS_PER_NODE} cpus, {NODES * GPUS_PER_NODE} gpus, {NODES} NUMA nodes")
     print(f"{'':44} {'wall clock (us)':>21} {'CPU time (us)':>21}")
@@ -261,25 +380,37 @@ def main() -> int:
             f"{name:44} {row['wall_median_us']:10.1f} {row['wall_p99_us']:10.1f}"
             f" {row['cpu_median_us']:10.1f} {row['cpu_p99_us']:10.1f}"
         )
-    decision = results[f"{args.queue} waiting: release -> grants"]
-    ok = decision["wall_median_us"] < TARGET_US and decision["cpu_p99_us"] < TARGET_US
-    print(
-        f"grant decision with {args.queue} waiting ({grants_per_release:.2f} grants per "
-        f"release): wall median {decision['wall_median_us']:.0f} us, CPU p99 "
-        f"{decision['cpu_p99_us']:.0f} us; target < {TARGET_US:.0f} us: "
-        f"{'met' if ok else 'MISSED'}"
-    )
+    if before is not None:
+        print(f"\nCPU median (us; wall for single steps), {args.against} -> working tree")
+        print(f"{'operation':44} {'before':>10} {'after':>10} {'speedup':>10}")
+        for name, row in results.items():
+            old = before.get(name)
+            if old is not None:
+                b, n = old["cpu_median_us"], row["cpu_median_us"]
+                print(f"{name:44} {b:10.1f} {n:10.1f} {b / n if n else math.inf:9.1f}x")
+    decision = results.get(f"{args.queue} waiting: release -> grants")
+    ok = None
+    if decision is not None:
+        ok = decision["wall_median_us"] < TARGET_US and decision["cpu_p99_us"] < TARGET_US
+        print(
+            f"grant decision with {args.queue} waiting ({grants_per_release:.2f} grants per "
+            f"release): wall median {decision['wall_median_us']:.0f} us, CPU p99 "
+            f"{decision['cpu_p99_us']:.0f} us; target < {TARGET_US:.0f} us: "
+            f"{'met' if ok else 'MISSED'}"
+        )
     out = {
         "bench": "allocator",
         "python": platform.python_version(),
         "machine": platform.machine(),
         "pool": {"cpus": NODES * CPUS_PER_NODE, "gpus": NODES * GPUS_PER_NODE, "numa": NODES},
+        "flat_pool": {"cpus": FLAT_CPUS, "gpus": FLAT_GPUS},
         "queue": args.queue,
         "rounds": args.rounds,
         "grants_per_release": grants_per_release,
         "target_us": TARGET_US,
         "target_met": ok,
         "results": results,
+        "against": {"rev": args.against, "results": before} if before is not None else None,
     }
     (HERE / "results").mkdir(exist_ok=True)
     path = HERE / "results" / f"allocator-{time.strftime('%Y%m%d-%H%M%S')}.json"
