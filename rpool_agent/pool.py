@@ -122,6 +122,9 @@ class Pool:
         parts = []
         for t in self.types:
             n = sum(1 for _ in self.instances(t))
-            parts.append(f"{t}: {n} instances, {self.capacity(t)} slots")
-        nodes = f"{len(self.nodes)} node{'s' if len(self.nodes) != 1 else ''}"
-        return f"{nodes}; " + ("; ".join(parts) if parts else "no resources")
+            parts.append(f"{t}: {_plural(n, 'instance')}, {_plural(self.capacity(t), 'slot')}")
+        return f"{_plural(len(self.nodes), 'node')}; " + ("; ".join(parts) or "no resources")
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
