@@ -12,11 +12,16 @@
 A `Unit` is one `type:slots` item: it is served by ONE instance. Units (and groups) may
 share an instance that has the slots, as in CTest and canary, unless `distinct`.
 
+`parse_request` remembers what it read for small, plainly typed wire values (a bounded
+cache keyed on their exact form): the same few shapes arrive again and again, and a
+Request is immutable, so one value can be handed out to every caller.
+
 Pure: no I/O, no clock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,6 +33,13 @@ from .pool import MAX_SLOTS, TYPE_NAME_RE
 #: Most units one request may expand to (`{"cpus": N}`, `N,gpus:1`): bounds memory and
 #: planning time whatever a client sends; far above any real node's instance count.
 MAX_UNITS = 65536
+
+#: The parse cache: how many wire values it remembers, and the largest it remembers (in
+#: units, items, characters), so that its memory stays small whatever clients send.
+_CACHE_MAX = 1024
+_CACHE_UNITS = 256
+_CACHE_ITEMS = 32
+_CACHE_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -76,6 +88,14 @@ class Request:
         object.__setattr__(self, "_units", units)
         object.__setattr__(self, "_types", frozenset(u.type for u in units))
 
+    def __hash__(self) -> int:
+        # Requests key the allocator's caches: hash the units once, not on every lookup.
+        h: int | None = self.__dict__.get("_hash")
+        if h is None:
+            h = hash((self.groups, self.distinct))
+            object.__setattr__(self, "_hash", h)
+        return h
+
     def types(self) -> frozenset[str]:
         return self._types  # type: ignore[attr-defined, no-any-return]
 
@@ -114,6 +134,75 @@ class Request:
 
 def parse_request(value: object) -> Request:
     """Read any of the three request forms (or a Request); raise RequestError if bad."""
+    key = _cache_key(value)
+    if key is not None:
+        got = _cache.get(key)
+        if got is not None:
+            return got
+    request = _parse(value)
+    if key is not None and len(request.units()) <= _CACHE_UNITS:
+        if len(_cache) >= _CACHE_MAX:
+            with contextlib.suppress(RuntimeError):  # another thread changed it: no matter
+                _cache.pop(next(iter(_cache), None), None)  # the oldest entry
+        _cache[key] = request
+    return request
+
+
+#: wire form key -> Request; see `_cache_key`
+_cache: dict[Any, Request] = {}
+
+
+def _cache_key(value: object) -> Any:
+    """A hashable key that equals another value's key only when both read the same, or None.
+
+    Only exact built-in types take part (`True == 1` and `1.0 == 1` as dict values, but they
+    are errors as counts), and only small values. The tag (0, 1, 2) keeps the forms apart.
+    """
+    kind = type(value)
+    if kind is str:
+        return value if len(value) <= _CACHE_CHARS else None  # type: ignore[arg-type]
+    if kind is dict:
+        if len(value) > _CACHE_ITEMS:  # type: ignore[arg-type]
+            return None
+        for k, v in value.items():  # type: ignore[attr-defined]
+            if type(k) is not str or type(v) is not int or len(k) > _CACHE_CHARS:
+                return None
+        return (0, tuple(value.items()))  # type: ignore[attr-defined]
+    if kind is list:
+        if not value or len(value) > _CACHE_ITEMS:  # type: ignore[arg-type]
+            return None
+        if type(value[0]) is list:  # type: ignore[index]
+            groups = []
+            for g in value:  # type: ignore[attr-defined]
+                if type(g) is not list:
+                    return None
+                items = _items_key(g)
+                if items is None:
+                    return None
+                groups.append(items)
+            return (2, tuple(groups))
+        items = _items_key(value)  # type: ignore[arg-type]
+        return None if items is None else (1, items)
+    return None
+
+
+def _items_key(items: list[Any]) -> tuple[tuple[str, int], ...] | None:
+    if len(items) > _CACHE_ITEMS:
+        return None
+    out = []
+    for item in items:
+        if type(item) is not dict:
+            return None
+        rtype, slots = item.get("type"), item.get("slots", 1)
+        if len(item) != 1 + ("slots" in item) or type(rtype) is not str or type(slots) is not int:
+            return None
+        if len(rtype) > _CACHE_CHARS:
+            return None
+        out.append((rtype, slots))
+    return tuple(out)
+
+
+def _parse(value: object) -> Request:
     if isinstance(value, Request):
         return value
     if isinstance(value, str):

@@ -8,11 +8,13 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from rpool_agent import requests as requests_module
 from rpool_agent.errors import RequestError
 from rpool_agent.requests import (
     MAX_UNITS,
@@ -169,6 +171,59 @@ def test_format_uses_ctest_repeat_counts() -> None:
 def test_limit_is_large_enough_for_big_nodes() -> None:
     assert len(parse_request({"cpus": 1024}).units()) == 1024
     assert len(parse_request(f"{MAX_UNITS},gpus:1").units()) == MAX_UNITS
+
+
+# --- the parse cache ---------------------------------------------------------------------
+
+#: Wire values as a decoder hands them over, good and bad, with the look-alikes a cache
+#: keyed on `==` would confuse (True == 1 == 1.0)
+counts = st.one_of(st.integers(-1, 3), st.booleans(), st.just(1.0), st.just("1"), st.none())
+names = st.sampled_from(["gpus", "cpus", "gpu", "GPUs", "a-b"])
+items = st.dictionaries(st.sampled_from(["type", "slots", "count"]), st.one_of(names, counts))
+wire_values = st.one_of(
+    st.dictionaries(names, counts, max_size=3),
+    st.lists(items, max_size=3),
+    st.lists(st.lists(items, max_size=2), min_size=1, max_size=3),
+    st.lists(st.one_of(items, st.lists(items, max_size=1)), max_size=3),
+    st.text(alphabet="gpus:0123,; ", max_size=12),
+)
+
+
+def _outcome(parse: Any, value: object) -> object:
+    try:
+        return parse(value)
+    except RequestError as exc:
+        return str(exc)
+
+
+@given(wire_values)
+def test_cached_parse_reads_like_an_uncached_one(value: object) -> None:
+    first = _outcome(parse_request, value)
+    assert first == _outcome(requests_module._parse, value)
+    again = _outcome(parse_request, json.loads(json.dumps(value)))  # an equal, fresh value
+    assert again == first
+    if isinstance(first, Request):
+        assert again.distinct == first.distinct
+
+
+def test_cache_keeps_look_alike_counts_apart() -> None:
+    assert parse_request({"gpus": 1}).units() == (G1,)
+    for bad in ({"gpus": True}, {"gpus": 1.0}, [{"type": "gpus", "slots": True}]):
+        with pytest.raises(RequestError, match="whole number"):
+            parse_request(bad)
+    assert parse_request([{"type": "gpus", "slots": 1}]).distinct is False
+    assert parse_request({"gpus": 1}).distinct is True
+    # the same wire value, decoded twice: one Request, read once
+    assert parse_request({"gpus": 2, "cpus": 1}) is parse_request({"gpus": 2, "cpus": 1})
+
+
+def test_cache_is_bounded() -> None:
+    cache = requests_module._cache
+    for n in range(requests_module._CACHE_MAX + 50):
+        parse_request(f"{n},gpus:0")
+    assert len(cache) <= requests_module._CACHE_MAX
+    big = parse_request({"cpus": requests_module._CACHE_UNITS + 1})
+    assert all(v is not big for v in cache.values())  # large requests are not remembered
 
 
 # --- the real ctest agrees ---------------------------------------------------------------
