@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import protocol
-from .errors import AgentUnavailable, ProtocolError, RpoolAgentError
+from .errors import AgentUnavailable, ProtocolError, RpoolAgentError, UnknownLease
 
 
 @dataclass
@@ -117,6 +117,7 @@ class Client:
         self._frames: list[Any] = []
         self._ids = itertools.count(1)
         self._held: dict[str, Lease] = {}
+        self._lost: set[str] = set()  # held leases the agent no longer had after a restart
         self.server_info: dict[str, Any] = {}
 
     # --- connection ---------------------------------------------------------------------
@@ -141,9 +142,13 @@ class Client:
         self._sock = sock
         self._decoder = protocol.FrameDecoder()
         self._frames = []
-        self.server_info = self._call_once(
-            "hello", {"version": protocol.PROTOCOL_VERSION, "client": "rpool-agent-client"}
-        )
+        try:
+            self.server_info = self._call_once(
+                "hello", {"version": protocol.PROTOCOL_VERSION, "client": "rpool-agent-client"}
+            )
+        except _ConnectionLost:
+            self.close()
+            raise AgentUnavailable(f"the agent at {self.socket_path} hung up") from None
         return self
 
     def close(self) -> None:
@@ -166,35 +171,38 @@ class Client:
     # --- calls --------------------------------------------------------------------------
 
     def call(self, op: str, **args: Any) -> Any:
-        """Send one call, wait for its reply; after an agent restart reconnect and re-claim."""
-        self.connect()
-        try:
-            return self._call_once(op, args)
-        except _ConnectionLost:
-            self.close()
-        self._reconnect()
-        try:
-            return self._call_once(op, args)
-        except _ConnectionLost:
-            self.close()
-            msg = f"the agent at {self.socket_path} closed the connection"
-            raise AgentUnavailable(msg) from None
+        """Send one call, wait for its reply. If the agent restarts meanwhile: reconnect
+        (for up to `reconnect_timeout` s), re-claim the leases held, send the call again.
 
-    def _reconnect(self) -> None:
+        An acquire carries the token its lease will have, so one that was granted just
+        before the restart, reply lost, comes back as that lease rather than a second one.
+        """
+        self.connect()
         deadline = time.monotonic() + self.reconnect_timeout
         while True:
             try:
-                self.connect()
-                break
-            except AgentUnavailable:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-        for lease in list(self._held.values()):
+                return self._call_once(op, args)
+            except _ConnectionLost:
+                self.close()
+            self._reconnect(deadline)
+
+    def _reconnect(self, deadline: float) -> None:
+        while True:
             try:
-                self._call_once("reclaim", {"lease": lease.id, "token": lease.token})
-            except RpoolAgentError:
-                self._held.pop(lease.id, None)  # reaped while we were away
+                self.connect()
+                for lease in list(self._held.values()):
+                    try:
+                        self._call_once("reclaim", {"lease": lease.id, "token": lease.token})
+                    except RpoolAgentError:
+                        self._held.pop(lease.id, None)  # ended while we were away
+                        self._lost.add(lease.id)
+                return
+            except (AgentUnavailable, _ConnectionLost):
+                self.close()
+                if time.monotonic() > deadline:
+                    msg = f"the agent at {self.socket_path} went away and did not come back"
+                    raise AgentUnavailable(msg) from None
+                time.sleep(0.05)
 
     def _call_once(self, op: str, args: dict[str, Any]) -> Any:
         rid = next(self._ids)
@@ -258,13 +266,18 @@ class Client:
             label=label,
             holder_pid=holder_pid,
             files=files or None,
+            token=os.urandom(16).hex(),
         )
         lease = Lease(doc, self)
         self._held[lease.id] = lease
         return lease
 
     def release(self, lease_id: str) -> None:
-        self.call("release", lease=lease_id)
+        try:
+            self.call("release", lease=lease_id)
+        except UnknownLease:
+            if lease_id not in self._lost:  # else: ended while the agent restarted
+                raise
         self._held.pop(lease_id, None)
 
     def status(self) -> dict[str, Any]:

@@ -26,7 +26,7 @@ MAX_MESSAGE_BYTES = 64 * 1024
 #: Every operation, with the argument names it takes (anything else is refused).
 OPERATIONS: dict[str, frozenset[str]] = {
     "hello": frozenset({"version", "client"}),
-    "acquire": frozenset({"request", "timeout", "label", "holder_pid", "files"}),
+    "acquire": frozenset({"request", "timeout", "label", "holder_pid", "files", "token"}),
     "release": frozenset({"lease"}),
     "cancel": frozenset({"request_id"}),
     "reclaim": frozenset({"lease", "token"}),

@@ -56,6 +56,7 @@ def build_server(cfg: Any, reload_config: Callable[[], Any] | None = None) -> An
     """
     from . import systemd
     from .server import Limits, Server
+    from .state import StateStore
 
     pool = load_pool(cfg)
     return Server(
@@ -73,6 +74,7 @@ def build_server(cfg: Any, reload_config: Callable[[], Any] | None = None) -> An
         notify=systemd.notify if os.environ.get("NOTIFY_SOCKET") else None,
         pool_loader=lambda: load_pool(reload_config() if reload_config else cfg),
         watchdog_interval=systemd.watchdog_interval(),
+        state=StateStore.for_dir(cfg.state_dir) if cfg.state_dir else None,
     )
 
 

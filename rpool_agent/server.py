@@ -132,6 +132,9 @@ class Connection(asyncio.BufferedProtocol):
 
     def send(self, message: dict[str, Any]) -> None:
         if self.transport is not None and not self.transport.is_closing():
+            state = self.server.state
+            if state is not None and state.pending:
+                state.flush()  # what a client is told is never ahead of the state file
             self.transport.write(protocol.encode(message))
 
     def close(self) -> None:
@@ -195,6 +198,7 @@ class Server:
         self.extras: dict[str, LeaseExtras] = {}
         self._routes: dict[Any, Connection] = {}  # allocator request key -> requesting conn
         self._want_files: set[Any] = set()  # request keys whose grant writes per-lease files
+        self._tokens: dict[Any, str] = {}  # request key -> the lease token its client chose
         self._numbers = itertools.count(1)
         self._timer: asyncio.TimerHandle | None = None
         self._server: asyncio.AbstractServer | None = None
@@ -227,6 +231,7 @@ class Server:
         for key in list(conn.pending):
             self._routes.pop(key, None)
             self._want_files.discard(key)
+            self._tokens.pop(key, None)
             events += self.allocator.cancel(key[2], key)
         events += self.allocator.disconnect(conn.owner)
         self.dispatch(events)
@@ -283,6 +288,15 @@ class Server:
         if holder_pid is not None:
             holder, owner = self._pid_holder(peer, holder_pid)
         key = (conn.number, call.id, owner)
+        token = args.get("token")
+        if token is not None:
+            if not isinstance(token, str) or not 16 <= len(token) <= 128:
+                raise ProtocolError("'token' must be a string of 16 to 128 characters")
+            # A retry of an acquire whose reply an agent restart cut off: that lease.
+            restored = self.state.restored_lease(token) if self.state is not None else None
+            if restored is not None and restored in self.allocator.leases:
+                return self._rebind(conn, restored, with_token=True)
+            self._tokens[key] = token
         if args.get("files"):
             self._want_files.add(key)
         self._routes[key] = conn
@@ -316,6 +330,7 @@ class Server:
             if key[1] == target:
                 conn.pending.discard(key)
                 self._routes.pop(key, None)
+                self._tokens.pop(key, None)
                 self.dispatch(self.allocator.cancel(key[2], key))
                 return {"cancelled": True}
         return {"cancelled": False}
@@ -366,11 +381,24 @@ class Server:
         extras = self.extras.get(lease_id) if isinstance(lease_id, str) else None
         if extras is None or lease_id not in self.allocator.leases:
             raise UnknownLease(f"no lease {str(lease_id)[:40]!r}")
-        if not isinstance(token, str) or not secrets.compare_digest(token, extras.token):
+        if not isinstance(token, str) or not secrets.compare_digest(
+            token.encode(), extras.token.encode()
+        ):
             raise NotOwner("wrong token for this lease")
+        return self._rebind(conn, lease_id, with_token=False)
+
+    def _rebind(self, conn: Connection, lease_id: str, *, with_token: bool) -> Any:
+        """Tie a lease to `conn`, and to its process: the holder a restart looks for."""
+        extras = self.extras[lease_id]
         self.allocator.rebind(lease_id, conn.owner)
         self._close_pidfd(extras)
-        return self.lease_document(self.allocator.leases[lease_id], with_token=False)
+        if conn.peer is not None and conn.peer.pid > 0:
+            extras.holder = conn.peer
+        self._changed(lease_id)
+        doc = self.lease_document(self.allocator.leases[lease_id], with_token=with_token)
+        if with_token and extras.files is not None:
+            doc["files"] = dataclasses.asdict(extras.files)
+        return doc
 
     def op_drain(self, conn: Connection, call: protocol.Call) -> Any:
         self._require_admin(conn)
@@ -407,6 +435,7 @@ class Server:
                 self._on_granted(ev)
             elif isinstance(ev, Denied):
                 self._want_files.discard(ev.req_id)
+                self._tokens.pop(ev.req_id, None)
                 conn = self._routes.pop(ev.req_id, None)
                 if conn is not None:
                     conn.pending.discard(ev.req_id)
@@ -428,7 +457,8 @@ class Server:
         if conn is not None:
             conn.pending.discard(ev.req_id)
         holder = Holder.from_dict(lease.holder)
-        extras = LeaseExtras(token=secrets.token_hex(16), holder=holder)
+        token = self._tokens.pop(ev.req_id, None) or secrets.token_hex(16)
+        extras = LeaseExtras(token=token, holder=holder)
         self.extras[lease.id] = extras
         if lease.owner[0] == "pid":
             extras.pidfd = open_pidfd(holder.pid, holder.starttime)
@@ -449,9 +479,9 @@ class Server:
             self._want_files.discard(ev.req_id)
             extras.files = self._write_files(lease, doc, holder)
             doc["files"] = dataclasses.asdict(extras.files)
+        self._changed(lease.id)
         if conn is not None:
             conn.send(protocol.ok(ev.req_id[1], doc))
-        self._changed()
 
     def _write_files(self, lease: Lease, doc: dict[str, Any], holder: Holder) -> Any:
         """Per-lease pool files, readable by the holder alone, removed when the lease ends."""
@@ -477,7 +507,7 @@ class Server:
 
                 remove_lease_files(extras.files)
         self._log(f"{how} {lease_id}")
-        self._changed()
+        self._changed(lease_id)
 
     def _close_pidfd(self, extras: LeaseExtras) -> None:
         if extras.pidfd is not None:
@@ -534,10 +564,11 @@ class Server:
         parts = [f"{v['free']} {t} free of {v['total']}" for t, v in snap["types"].items()]
         return f"{'; '.join(parts) or 'empty pool'}; {len(self.allocator.leases)} leases"
 
-    def _changed(self) -> None:
-        """The lease table changed: persist it (before any reply leaves), tell systemd."""
+    def _changed(self, lease_id: str) -> None:
+        """A lease was granted, re-bound or ended: journal it (written before any reply
+        leaves, see Connection.send), tell systemd."""
         if self.state is not None:
-            self.state.save(self)
+            self.state.record(self, lease_id)
         self._notify_status()
 
     def _log(self, line: str) -> None:
@@ -581,11 +612,11 @@ class Server:
     async def start(self, sock: socket.socket | None = None) -> None:
         """Listen on `sock` (inherited from systemd) or on a socket we create."""
         loop = asyncio.get_running_loop()
+        if self.state is not None:  # before anyone can connect
+            self.state.restore(self)
         if sock is None:
             sock = self._bind()
         self._server = await loop.create_unix_server(self.new_connection, sock=sock, backlog=512)
-        if self.state is not None:
-            self.state.restore(self)
         self._reschedule()
         if self.notify is not None and self.watchdog_interval:
             self._watchdog()
@@ -649,6 +680,11 @@ class Server:
         self._flush_log()
         if self._server is not None:
             self._server.close()
+        if self.state is not None:
+            # Leases outlive a clean stop too (upgrade, `systemctl restart`): journal
+            # nothing more and keep their files; the next agent re-adopts them.
+            self.state.close()
+            self.extras.clear()
         for conn in list(self.connections.values()):
             conn.close()
         if self._owned_socket:

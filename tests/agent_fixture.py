@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,8 @@ class Agent:
     proc: subprocess.Popen[bytes]
     socket: str
     log_path: Path
+    cmd: list[str] = field(default_factory=list)
+    pool_file: Path | None = None
 
     @property
     def env(self) -> dict[str, str]:
@@ -77,6 +79,21 @@ class Agent:
                 self.proc.wait()
         return self.proc.returncode
 
+    def kill(self) -> None:
+        """SIGKILL: no clean-up of any kind, as in a crash."""
+        self.proc.kill()
+        self.proc.wait()
+
+    def restart(self, pool: dict[str, Any] | None = None) -> None:
+        """Start the same agent again (same socket, state dir, log), with `pool` if given."""
+        if self.proc.poll() is None:
+            self.kill()
+        if pool is not None and self.pool_file is not None:
+            self.pool_file.write_text(json.dumps(pool))
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT)
+        wait_for_socket(self.socket, self.proc)
+
 
 def wait_for_socket(path: str, proc: subprocess.Popen[bytes] | None, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
@@ -94,6 +111,15 @@ def wait_for_socket(path: str, proc: subprocess.Popen[bytes] | None, timeout: fl
     raise TimeoutError(f"agent did not listen on {path}")
 
 
+def wait_until(predicate: Any, timeout: float = 10.0) -> None:
+    """Poll `predicate` (a test's view of the agent) until true; AssertionError on timeout."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
 @contextmanager
 def running_agent(
     tmp_path: Path, pool: dict[str, Any] | None = None, *args: str, name: str = "agent"
@@ -107,7 +133,7 @@ def running_agent(
     cmd += ["--socket", sock, "--state-dir", str(tmp_path / f"{name}-state"), *args]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    agent = Agent(proc, sock, log_path)
+    agent = Agent(proc, sock, log_path, cmd, pool_file)
     try:
         wait_for_socket(sock, proc)
         yield agent
