@@ -318,6 +318,38 @@ class FreeIndex:
 _Units = list[tuple[int, int]]
 
 
+class _Plan:
+    """What the planner reads from a request's units before it looks at any free slot.
+
+    It depends only on the units and on the pool's shape (which types carry NUMA nodes,
+    and which nodes), not on free slots: the allocator keeps one per request shape and pool
+    and plans every later grant of that shape from it.
+    """
+
+    __slots__ = ("by_type", "flat", "need", "nodes", "numa")
+
+    def __init__(self, units: Sequence[Unit], views: Mapping[str, FreeIndex]) -> None:
+        by_type: dict[str, _Units] = {}
+        for i, u in enumerate(units):
+            by_type.setdefault(u.type, []).append((u.slots, i))
+        for lst in by_type.values():
+            lst.sort(key=_minus_slots)
+        self.by_type = by_type
+        self.need = {t: sum(s for s, _ in lst) for t, lst in by_type.items()}
+        self.flat = [t for t in by_type if not views[t].topological]
+        numa = [t for t in by_type if views[t].topological]
+        if "gpus" in numa:  # the GPUs' node decides
+            numa = ["gpus"] + [t for t in numa if t != "gpus"]
+        self.numa = numa
+        self.nodes: list[NodeKey] = sorted(
+            {n for t in numa for n in views[t].nodes}, key=_node_rank
+        )
+
+
+def _minus_slots(unit: tuple[int, int]) -> int:
+    return -unit[0]
+
+
 def place(
     units: Sequence[Unit], views: Mapping[str, FreeIndex], distinct: bool = False
 ) -> list[int] | None:
@@ -326,27 +358,25 @@ def place(
     Pure: reads `views` (one FreeIndex per type, which must hold every unit's type) and
     changes nothing. All or nothing: None unless every unit has a place.
     """
-    by_type: dict[str, _Units] = {}
-    for i, u in enumerate(units):
-        by_type.setdefault(u.type, []).append((u.slots, i))
-    for rtype, lst in by_type.items():
-        if sum(s for s, _ in lst) > views[rtype].total:  # cheap "no" for a busy pool
+    return _place(_Plan(units, views), len(units), views, distinct)
+
+
+def _place(
+    plan: _Plan, n_units: int, views: Mapping[str, FreeIndex], distinct: bool
+) -> list[int] | None:
+    """`place` for a request whose plan is known."""
+    for rtype, need in plan.need.items():
+        if need > views[rtype].total:  # cheap "no" for a busy pool
             return None
-        lst.sort(key=lambda x: -x[0])
-    out = [-1] * len(units)
-    numa: list[str] = []
-    for rtype, lst in by_type.items():
-        view = views[rtype]
-        if view.topological:
-            numa.append(rtype)
-            continue
-        got, left = _fill(view, None, lst, {}, distinct)
+    out = [-1] * n_units
+    for rtype in plan.flat:
+        got, left = _fill(views[rtype], None, plan.by_type[rtype], {}, distinct)
         if left:
             return None
         for i, pos in got:
             out[i] = pos
-    if numa:
-        placed = _place_numa(numa, by_type, views, distinct)
+    if plan.numa:
+        placed = _place_numa(plan, views, distinct)
         if placed is None:
             return None
         for i, pos in placed:
@@ -355,46 +385,53 @@ def place(
 
 
 def _place_numa(
-    types: list[str], by_type: dict[str, _Units], views: Mapping[str, FreeIndex], distinct: bool
+    plan: _Plan, views: Mapping[str, FreeIndex], distinct: bool
 ) -> list[tuple[int, int]] | None:
-    if "gpus" in types:  # the GPUs' node decides
-        types = ["gpus"] + [t for t in types if t != "gpus"]
-    anchor, others = types[0], types[1:]
-    need = {t: sum(s for s, _ in by_type[t]) for t in types}
-    nodes = sorted({n for t in types for n in views[t].nodes}, key=_node_rank)
+    types, by_type, need = plan.numa, plan.by_type, plan.need
 
-    # 1. one node holds everything: best fit (fewest free anchor slots, then others)
-    def single_key(n: NodeKey) -> tuple[int, int, tuple[int, int]]:
-        rest = sum(views[t].totals.get(n, 0) for t in others)
-        return (views[anchor].totals.get(n, 0), rest, _node_rank(n))
-
-    fits = [n for n in nodes if all(views[t].totals.get(n, 0) >= need[t] for t in types)]
-    for n in sorted(fits, key=single_key):
-        got: list[tuple[int, int]] = []
-        for t in types:
-            g, left = _fill(views[t], n, by_type[t], {}, distinct)
-            if left:
+    # 1. one node holds everything: best fit (fewest free anchor slots, then the others'
+    # free slots, then node order). The first in that order almost always takes it, so
+    # find it with one pass and sort the rest only when it does not.
+    anchor = views[types[0]].totals
+    others = [views[t].totals for t in types[1:]]
+    wants = [(views[t].totals, need[t]) for t in types]
+    fits: list[tuple[int, int, int]] = []  # (anchor free, others' free, node index)
+    for x, n in enumerate(plan.nodes):
+        for totals, want in wants:
+            if totals.get(n, 0) < want:
                 break
-            got.extend(g)
         else:
+            rest = 0
+            for totals in others:
+                rest += totals.get(n, 0)
+            fits.append((anchor.get(n, 0), rest, x))
+    if fits:
+        first = min(fits)
+        got = _fill_node(plan, views, plan.nodes[first[2]], distinct)
+        if got is not None:
             return got
+        for key in sorted(fits):
+            if key != first:
+                got = _fill_node(plan, views, plan.nodes[key[2]], distinct)
+                if got is not None:
+                    return got
 
     # 2. spread over as few nodes as possible; later types fill the chosen nodes first
     chosen: list[NodeKey] = []
     placed: list[tuple[int, int]] = []
     for t in types:
-        view, taken, rest = views[t], {}, by_type[t]
+        view, taken, rest_units = views[t], {}, by_type[t]
         for n in chosen:
-            if not rest:
+            if not rest_units:
                 break
-            g, rest = _fill(view, n, rest, taken, distinct)
+            g, rest_units = _fill(view, n, rest_units, taken, distinct)
             placed.extend(g)
         tried = set(chosen)
-        while rest:
+        while rest_units:
             options = [n for n in view.nodes if n not in tried]
             if not options:
                 return None
-            want = sum(s for s, _ in rest)
+            want = sum(s for s, _ in rest_units)
             pick: NodeKey | str = "none"
             whole = sorted(
                 (n for n in options if view.totals[n] >= want),
@@ -402,19 +439,32 @@ def _place_numa(
             )
             for n in whole:
                 trial = dict(taken)
-                g, left = _fill(view, n, rest, trial, distinct)
+                g, left = _fill(view, n, rest_units, trial, distinct)
                 if not left:
-                    pick, taken, rest = n, trial, left
+                    pick, taken, rest_units = n, trial, left
                     placed.extend(g)
                     break
             if pick == "none":
                 pick = min(options, key=lambda n: (-view.totals[n], _node_rank(n)))
-                g, rest = _fill(view, pick, rest, taken, distinct)
+                g, rest_units = _fill(view, pick, rest_units, taken, distinct)
                 placed.extend(g)
             tried.add(pick)
             if pick not in chosen:
                 chosen.append(pick)
     return placed
+
+
+def _fill_node(
+    plan: _Plan, views: Mapping[str, FreeIndex], node: NodeKey, distinct: bool
+) -> list[tuple[int, int]] | None:
+    """Every NUMA-bound unit on one node, or None."""
+    got: list[tuple[int, int]] = []
+    for t in plan.numa:
+        g, left = _fill(views[t], node, plan.by_type[t], {}, distinct)
+        if left:
+            return None
+        got.extend(g)
+    return got
 
 
 def _fill(
@@ -432,7 +482,7 @@ def _fill(
     i, n = 0, len(units)
     while i < n:
         k = units[i][0]
-        j = i
+        j = i + 1
         while j < n and units[j][0] == k:
             j += 1
         got = i
@@ -456,11 +506,10 @@ def _fill(
 
 def _candidates(
     view: FreeIndex, node: NodeKey, k: int, taken: dict[int, int], distinct: bool
-) -> Iterator[tuple[int, int]]:
-    stream = view.scan(node, k)
+) -> Iterable[tuple[int, int]]:
     if not taken:
-        return stream
-    base = ((f, p) for f, p in stream if p not in taken)
+        return view.scan(node, k)
+    base = ((f, p) for f, p in view.scan(node, k) if p not in taken)
     if distinct:  # an instance this request already uses is out
         return base
     adjusted = sorted(
@@ -815,7 +864,7 @@ class Allocator:
             }
         leases = []
         for lease in self._leases.values():
-            stale_lease = any(not self._tables[s.type].by_id[s.id].live for s in lease.held)
+            stale_lease = any(not self._held(s).live for s in lease.held)
             leases.append(
                 {
                     "id": lease.id,
@@ -965,8 +1014,10 @@ class Allocator:
         if not mine:
             del self._owner_leases[lease.owner]
         for s in lease.held:
-            table = self._tables[s.type]
-            inst = table.by_id[s.id]
+            table = self._tables.get(s.type)
+            inst = table.by_id.get(s.id) if table is not None else None
+            if inst is None:  # 0 slots of an instance a reload removed: nothing to free
+                continue
             inst.used -= s.slots
             if inst.live:
                 self._refresh(table, inst)
@@ -1043,6 +1094,12 @@ class Allocator:
         return events
 
     # --- internals: instances -------------------------------------------------------------
+
+    def _held(self, s: Slice) -> _Inst:
+        """The instance a lease's slice is on; a reload may have dropped a 0-slot one."""
+        table = self._tables.get(s.type)
+        inst = table.by_id.get(s.id) if table is not None else None
+        return inst if inst is not None else _Inst(s.type, s.id, -1, 0, None, 0, False)
 
     def _instance(self, rtype: str, rid: str) -> tuple[_Table, _Inst]:
         name = self._type_name(rtype) if isinstance(rtype, str) else rtype

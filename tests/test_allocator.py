@@ -465,6 +465,17 @@ def test_set_pool_grants_from_new_instances_and_drops_unknown_types() -> None:
     assert isinstance(events[1], Granted) and ids(events[1].lease.groups) == "gpus:1"
 
 
+def test_zero_slot_leases_survive_a_reload_that_removes_their_instance() -> None:
+    a = mkalloc(mkpool(gpus="0", cpus="0 1"))
+    on_gpu = grant(a, "A", 1, "gpus:0,cpus:0")  # holds 0 slots of gpu 0 and of a cpu
+    a.set_pool(mkpool(cpus="1"))  # gpus gone as a type, cpu 0 gone
+    snap = a.snapshot()
+    assert snap["leases"][0]["stale"] is True
+    assert snap["vanished"] == []  # nothing held on them
+    assert a.release("A", on_gpu.id) == [Released("A", on_gpu.id)]
+    assert a.snapshot()["leases"] == []
+
+
 def test_slots_shrinking_under_a_lease_never_grants_more() -> None:
     a = mkalloc(mkpool(gpus="0:4"))
     lease = grant(a, "A", 1, "gpus:3")
