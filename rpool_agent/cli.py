@@ -164,6 +164,21 @@ def serve(
     admin_group: str | None = typer.Option(
         None, "--admin-group", help="Group allowed to drain/reload."
     ),
+    socket_mode: str | None = typer.Option(
+        None, "--socket-mode", help="Octal mode of the socket (default 0660)."
+    ),
+    max_connections_per_uid: int | None = typer.Option(
+        None, "--max-connections-per-uid", min=1, help="Open connections per uid (64)."
+    ),
+    max_pending_per_connection: int | None = typer.Option(
+        None, "--max-pending-per-connection", min=1, help="Waiting acquires per connection (16)."
+    ),
+    max_message_bytes: int | None = typer.Option(
+        None, "--max-message-bytes", min=1, help="Largest message accepted (65536)."
+    ),
+    handshake_timeout: float | None = typer.Option(
+        None, "--handshake-timeout", min=0.001, help="Seconds a new connection may stay silent."
+    ),
 ) -> None:
     """Hold the pool and grant leases over a Unix socket until SIGTERM."""
     from .serve import serve_main
@@ -177,6 +192,11 @@ def serve(
         "state_dir": state_dir,
         "socket_group": socket_group,
         "admin_group": admin_group,
+        "socket_mode": socket_mode,
+        "max_connections_per_uid": max_connections_per_uid,
+        "max_pending_per_connection": max_pending_per_connection,
+        "max_message_bytes": max_message_bytes,
+        "handshake_timeout": handshake_timeout,
     }
     serve_main(config, {k: v for k, v in given.items() if v is not None})
 

@@ -38,12 +38,31 @@ OPERATIONS: dict[str, frozenset[str]] = {
 }
 
 _encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
-_decode = json.JSONDecoder().decode
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value - value != 0.0:  # inf or nan: 1e999 parses as inf
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+# Strict JSON: NaN, Infinity and numbers that overflow to them are malformed, so no
+# non-finite number ever reaches a deadline or an answer.
+_decode = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float).decode
 
 
 def encode(message: dict[str, Any]) -> bytes:
     """One frame: compact JSON and a newline."""
-    return (_encoder.encode(message) + "\n").encode()
+    text = _encoder.encode(message) + "\n"
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # a lone surrogate a peer sent us ("\ud800"): escape it
+        return (json.dumps(message, separators=(",", ":")) + "\n").encode()
 
 
 class FrameDecoder:

@@ -22,6 +22,7 @@ import secrets
 import signal
 import socket
 import stat
+import struct
 import sys
 import time
 from collections.abc import Callable
@@ -121,6 +122,16 @@ class Connection(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool:
         return False  # close our side too; connection_lost follows
+
+    # A peer that sends calls but never reads the replies would grow our write buffer
+    # without bound: stop reading from it until it catches up (asyncio's flow control).
+    def pause_writing(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._handshake_timer:
@@ -227,19 +238,23 @@ class Server:
         """A connection closed, however it closed: reap what it held, serve the next waiter."""
         if self.connections.pop(conn.number, None) is None:
             return
-        events: list[Any] = []
-        for key in list(conn.pending):
+        for key in conn.pending:
             self._routes.pop(key, None)
             self._want_files.discard(key)
             self._tokens.pop(key, None)
-            events += self.allocator.cancel(key[2], key)
-        events += self.allocator.disconnect(conn.owner)
+        # Disconnect first: it drops all of this connection's waiters at once, so none of
+        # them is granted (and reaped straight away) while the others are cancelled.
+        events = self.allocator.disconnect(conn.owner)
+        for key in conn.pending:
+            if key[2] != conn.owner:  # waiters filed for a holder pid
+                events += self.allocator.cancel(key[2], key)
+        conn.pending.clear()
         self.dispatch(events)
 
     # --- frames -----------------------------------------------------------------------
 
     def handle_frame(self, conn: Connection, frame: Any) -> None:
-        rid = frame.get("id") if isinstance(frame, dict) else None
+        rid: Any = None  # never echo an id parse_call did not accept (it may be anything)
         try:
             call = protocol.parse_call(frame)
             rid = call.id
@@ -250,6 +265,12 @@ class Server:
         except RpoolAgentError as exc:
             rid = protocol.request_id_of(exc) if rid is None else rid
             conn.send(protocol.error(rid, exc))
+            return
+        except Exception as exc:  # a bug: this call fails, the agent and its leases live on
+            import traceback
+
+            self._log(f"internal error on {frame!r:.200}:\n{traceback.format_exc()}")
+            conn.send(protocol.error(rid, RpoolAgentError(f"internal error: {exc!r:.200}")))
             return
         if result is not _DEFERRED:
             conn.send(protocol.ok(rid, result))
@@ -382,7 +403,7 @@ class Server:
         if extras is None or lease_id not in self.allocator.leases:
             raise UnknownLease(f"no lease {str(lease_id)[:40]!r}")
         if not isinstance(token, str) or not secrets.compare_digest(
-            token.encode(), extras.token.encode()
+            token.encode(errors="surrogatepass"), extras.token.encode()
         ):
             raise NotOwner("wrong token for this lease")
         return self._rebind(conn, lease_id, with_token=False)
@@ -390,6 +411,7 @@ class Server:
     def _rebind(self, conn: Connection, lease_id: str, *, with_token: bool) -> Any:
         """Tie a lease to `conn`, and to its process: the holder a restart looks for."""
         extras = self.extras[lease_id]
+        self._check_may_touch(conn, self.allocator.leases[lease_id])  # a token is not enough
         self.allocator.rebind(lease_id, conn.owner)
         self._close_pidfd(extras)
         if conn.peer is not None and conn.peer.pid > 0:
@@ -404,7 +426,9 @@ class Server:
         self._require_admin(conn)
         rtype, rid = _resource_arg(call.args.get("resource"))
         reason = call.args.get("reason") or ""
-        self.allocator.drain(rtype, rid, str(reason)[:256])
+        if not isinstance(reason, str):
+            raise ProtocolError("'reason' must be a string")
+        self.allocator.drain(rtype, rid, reason[:256])
         self._log(f"drain {rtype}:{rid} reason={reason!r}")
         return {"drained": f"{rtype}:{rid}"}
 
@@ -423,7 +447,7 @@ class Server:
         peer = conn.peer or Holder(-1, -1, -1)
         if peer.uid == 0:
             return
-        if self.admin_gid is not None and self.admin_gid in _groups_of(peer):
+        if self.admin_gid is not None and self.admin_gid in _peer_groups(conn):
             return
         raise PermissionDenied("this operation needs root or the agent's admin group")
 
@@ -628,27 +652,39 @@ class Server:
         asyncio.get_running_loop().call_later(self.watchdog_interval, self._watchdog)
 
     def _bind(self) -> socket.socket:
+        """Create the listening socket where nobody else can swap it (docs/security.md)."""
         path = Path(self.socket_path)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-        st = path.parent.stat()
-        if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
-            raise AgentUnavailable(f"{path.parent} is writable by others; refusing to listen there")
-        if path.is_symlink():
-            raise AgentUnavailable(f"{path} is a symlink; refusing to replace it")
-        if path.exists():
-            if _answers(str(path)):
-                raise AgentUnavailable(f"another agent already listens on {path}")
-            path.unlink()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)
         try:
-            sock.bind(str(path))
-        finally:
-            os.umask(old_umask)
-        if self.socket_gid is not None:
-            os.chown(path, -1, self.socket_gid)
-        os.chmod(path, self.socket_mode)
-        sock.listen(512)
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+            check_socket_dir(path.parent)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                st = None
+            if st is not None:
+                if stat.S_ISLNK(st.st_mode):
+                    raise AgentUnavailable(f"{path} is a symlink; refusing to replace it")
+                if not stat.S_ISSOCK(st.st_mode):
+                    raise AgentUnavailable(f"{path} exists and is not a socket; refusing")
+                if _answers(str(path)):
+                    raise AgentUnavailable(f"another agent already listens on {path}")
+                path.unlink()  # stale: left by an agent that died
+            old_umask = os.umask(0o177)  # 0600 until chmod: never briefly too open
+            try:
+                sock.bind(str(path))
+            finally:
+                os.umask(old_umask)
+            if self.socket_gid is not None:
+                os.chown(path, -1, self.socket_gid)
+            os.chmod(path, self.socket_mode)
+            sock.listen(512)
+        except OSError as exc:
+            sock.close()
+            raise AgentUnavailable(f"cannot listen on {path}: {exc.strerror or exc}") from None
+        except BaseException:
+            sock.close()
+            raise
         self._owned_socket = True
         return sock
 
@@ -709,16 +745,61 @@ def _fmt_resources(resources: dict[str, list[dict[str, Any]]]) -> str:
     )
 
 
-def _groups_of(peer: Holder) -> set[int]:
+_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13; Python lacks the name
+
+
+def _peer_groups(conn: Connection) -> set[int]:
+    """The peer's groups as the kernel recorded them at connect() (SO_PEERGROUPS).
+
+    Not /proc/<pid>/status: that pid may have exited and been reused by a process of
+    someone else since. Python caps getsockopt at 1024 bytes (256 groups); a peer in more
+    groups falls back to /proc, trusted only while the process start time still matches.
+    """
+    peer = conn.peer
+    if peer is None or conn.transport is None:
+        return set()
     groups = {peer.gid}
+    sock = conn.transport.get_extra_info("socket")
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 1024)
+        return groups | set(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
+    except OSError:
+        pass
     try:
         with open(f"/proc/{peer.pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Groups:"):
-                    groups.update(int(g) for g in line.split()[1:])
-    except (OSError, ValueError):
-        pass
+            lines = f.read().splitlines()
+    except OSError:
+        return groups
+    if peer.starttime is None or process_starttime(peer.pid) != peer.starttime:
+        return groups
+    for line in lines:
+        if line.startswith(b"Groups:"):
+            groups.update(int(g) for g in line.split()[1:])
     return groups
+
+
+def check_socket_dir(directory: str | os.PathLike[str]) -> None:
+    """Refuse a socket directory that someone else could use to swap our socket.
+
+    The directory (symlinks resolved) must be owned by root or by us and writable by its
+    owner alone: others-writable is refused even with the sticky bit, since in a /tmp-like
+    directory anyone may create the name before we start or after we stop, and clients
+    would then talk to an impostor. Each directory above it must be owned by root or us
+    and, if others can write it, sticky (so /tmp/<ours>/agent.sock is fine).
+    """
+    real = Path(os.path.realpath(directory))
+    me = os.geteuid()
+    for n, d in enumerate([real, *real.parents]):
+        st = d.stat()
+        if st.st_uid not in (0, me):
+            raise AgentUnavailable(f"{d} belongs to uid {st.st_uid}; refusing to listen under it")
+        writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        if n == 0 and writable:
+            raise AgentUnavailable(
+                f"{d} is writable by group or others; give the socket a directory of its own"
+            )
+        if writable and not st.st_mode & stat.S_ISVTX:
+            raise AgentUnavailable(f"{d} is writable by group or others and not sticky; refusing")
 
 
 def _answers(path: str) -> bool:
