@@ -59,9 +59,12 @@ OwnerKey = Hashable
 #: A NUMA node number, or None for "no numa_node property" (one group of its own).
 NodeKey = Union[int, None]  # noqa: UP007 - a runtime alias; `int | None` needs 3.10+ at runtime
 
-#: Cached satisfiability answers, cleared when the pool changes; bounded against clients
-#: that send endless distinct requests.
+#: Cached satisfiability answers and request shapes, cleared when the pool changes;
+#: bounded against clients that send endless distinct requests. Requests of more than
+#: _CACHE_UNITS units are planned afresh each time rather than kept (memory).
 _SAT_CACHE_MAX = 4096
+_SHAPE_CACHE_MAX = 4096
+_CACHE_UNITS = 1024
 
 
 # --- values ------------------------------------------------------------------------------
@@ -102,6 +105,33 @@ class Lease:
                     summed[s.type, s.id] = summed.get((s.type, s.id), 0) + s.slots
             held = tuple(Slice(t, i, n) for (t, i), n in summed.items())
             object.__setattr__(self, "held", held)
+
+    @classmethod
+    def _granted(
+        cls,
+        id: str,
+        owner: OwnerKey,
+        request: Request,
+        groups: tuple[tuple[Slice, ...], ...],
+        label: str | None,
+        holder: Mapping[str, Any] | None,
+        granted_at: float,
+        held: tuple[Slice, ...],
+    ) -> Lease:
+        """The allocator's constructor: its values are consistent already, so skip the
+        frozen dataclass's per-field setattr and `__post_init__` (the grant's hot path)."""
+        lease = object.__new__(cls)
+        lease.__dict__.update(
+            id=id,
+            owner=owner,
+            request=request,
+            groups=groups,
+            label=label,
+            holder=dict(holder) if holder else {},
+            granted_at=granted_at,
+            held=held,
+        )
+        return lease
 
     def resources(self) -> dict[str, list[dict[str, Any]]]:
         """The seed shape `{type: [{"id", "slots"}]}`: slots summed per id, pool order."""
@@ -272,13 +302,27 @@ class FreeIndex:
         self.total -= free
 
     def set(self, pos: int, free: int) -> None:
-        """Move a member to another bucket (the hot path of every grant and release)."""
-        old = self.free[pos]
-        if old == free:
+        """Move a member to another bucket (the hot path of every grant and release).
+
+        Not a member (drained, vanished): nothing to do."""
+        old = self.free.get(pos)
+        if old is None or old == free:
             return
         node = self.node_of[pos]
-        self._unfile(node, old, pos)
-        self._file(node, free, pos)
+        bucket = self._buckets[node]
+        members = bucket[old]
+        if len(members) == 1:
+            del bucket[old]
+            keys = self._keys[node]
+            del keys[bisect_left(keys, old)]
+        else:
+            del members[bisect_left(members, pos)]
+        members = bucket.get(free)
+        if members is None:
+            bucket[free] = [pos]
+            insort(self._keys[node], free)
+        else:
+            insort(members, pos)
         self.free[pos] = free
         self.totals[node] += free - old
         self.total += free - old
@@ -561,6 +605,34 @@ class _Table:
         return inst
 
 
+class _Shape:
+    """A normalized request and all that granting it needs which free slots do not change.
+
+    Built once per request value and pool (the allocator keeps them in a bounded cache,
+    and each waiter holds its own), so a grant is `_place` from `plan` plus a commit that
+    knows per type which units to sum: no re-reading of the request on the hot path.
+    """
+
+    __slots__ = ("cap", "distinct", "free", "groups", "n", "per_type", "plan", "request", "types")
+
+    def __init__(self, request: Request, tables: Mapping[str, _Table]) -> None:
+        units = request.units()
+        self.request = request
+        self.types = request.types()
+        self.distinct = request.distinct
+        self.n = len(units)
+        self.free = {t: tables[t].free for t in self.types}
+        self.cap = {t: tables[t].cap for t in self.types}  # "could it ever fit?"
+        self.plan = _Plan(units, self.free)
+        # per type, first appearance order: its table and (unit index, slots) of its units
+        per_type: dict[str, list[tuple[int, int]]] = {}
+        for i, u in enumerate(units):
+            per_type.setdefault(u.type, []).append((i, u.slots))
+        self.per_type = [(tables[t], lst) for t, lst in per_type.items()]
+        # per request group: (table, slots) of each unit, to build the lease's slices
+        self.groups = [[(tables[u.type], u.slots) for u in g] for g in request.groups]
+
+
 @dataclass(eq=False)
 class _Waiter:
     seq: int
@@ -568,6 +640,7 @@ class _Waiter:
     req_id: Any
     request: Request
     types: frozenset[str]
+    shape: _Shape
     since: float
     deadline: float | None
     label: str | None
@@ -596,6 +669,7 @@ class Allocator:
         self._deadlines: list[tuple[float, int]] = []
         self._drained: dict[tuple[str, str], str] = {}
         self._sat: dict[Request, Unsatisfiable | None] = {}
+        self._shapes: dict[Request, _Shape] = {}  # as submitted (not normalized) -> shape
         self._seq = 0
         self._now = 0.0
         for table in self._tables.values():
@@ -624,9 +698,9 @@ class Allocator:
         """Where `request` would go right now, ignoring the queue (None: not free now).
 
         Raises UnknownResourceType for a type the pool does not have."""
-        request = self._normalize(request)
-        positions = self._place(request)
-        return None if positions is None else self._slices(request, positions)
+        shape = self._shape(request)
+        positions = _place(shape.plan, shape.n, shape.free, shape.distinct)
+        return None if positions is None else self._slices(shape, positions)
 
     # --- inputs ---------------------------------------------------------------------------
 
@@ -646,22 +720,28 @@ class Allocator:
         Raises RequestError (state unchanged) for a bad timeout or a `req_id` the same
         owner already has waiting.
         """
-        _check_hashable(req_id, "request id")
-        if (owner, req_id) in self._waiter_seq:
-            raise RequestError(f"request id {req_id!r} is already waiting")
-        deadline = _deadline(now, timeout)
-        self._now = now
         try:
-            request = self._normalize(request)
-        except UnknownResourceType as exc:
-            return [Denied(owner, req_id, exc)]
-        types = request.types()
-        if not any(t in self._waiting_types for t in types):  # nobody earlier needs these
-            positions = self._place(request)
+            waiting = (owner, req_id) in self._waiter_seq
+        except TypeError:
+            _check_hashable(req_id, "request id")
+            raise
+        if waiting:
+            raise RequestError(f"request id {req_id!r} is already waiting")
+        deadline = None if timeout is None else _deadline(now, timeout)
+        self._now = now
+        shape = self._shapes.get(request)
+        if shape is None:
+            try:
+                shape = self._shape(request)
+            except UnknownResourceType as exc:
+                return [Denied(owner, req_id, exc)]
+        request, types = shape.request, shape.types
+        if self._waiting_types.keys().isdisjoint(types):  # nobody earlier needs these
+            positions = _place(shape.plan, shape.n, shape.free, shape.distinct)
             if positions is not None:
-                lease = self._commit(owner, request, positions, now, label, holder)
+                lease = self._commit(owner, shape, positions, now, label, holder)
                 return [Granted(owner, req_id, lease)]
-        never = self._unsatisfiable(request)
+        never = self._unsatisfiable(shape)
         if never is not None:
             return [Denied(owner, req_id, never)]
         if deadline is not None and deadline <= now:
@@ -671,7 +751,16 @@ class Allocator:
             return [Denied(owner, req_id, ResourceUnavailable(why))]
         self._seq += 1
         w = _Waiter(
-            self._seq, owner, req_id, request, types, now, deadline, label, dict(holder or {})
+            self._seq,
+            owner,
+            req_id,
+            request,
+            types,
+            shape,
+            now,
+            deadline,
+            label,
+            dict(holder or {}),
         )
         self._queue[w.seq] = w
         self._waiter_seq[owner, req_id] = w.seq
@@ -690,6 +779,8 @@ class Allocator:
         if lease.owner != owner:
             raise NotOwner(f"lease {lease_id!r} belongs to another client")
         self._remove_lease(lease)
+        if not self._queue:
+            return [Released(owner, lease_id)]
         return [Released(owner, lease_id), *self._retry(now)]
 
     def cancel(self, owner: OwnerKey, req_id: Any, *, now: float | None = None) -> list[Event]:
@@ -795,6 +886,7 @@ class Allocator:
                         new.used = inst.used
         self._pool, self._tables, self._known = pool, tables, tuple(_build_order(pool))
         self._sat.clear()
+        self._shapes.clear()
         for table in tables.values():
             self._rebuild_free(table)
         events: list[Event] = []
@@ -802,7 +894,8 @@ class Allocator:
             err: RpoolAgentError | None
             try:
                 self._check_types(w.request)
-                err = self._unsatisfiable(w.request)
+                w.shape = _Shape(w.request, tables)
+                err = self._unsatisfiable(w.shape)
             except UnknownResourceType as exc:
                 err = exc
             if err is not None:
@@ -923,21 +1016,29 @@ class Allocator:
                 f"unknown resource type {unknown[0]!r} (the pool has: {have})"
             )
 
-    def _place(self, request: Request) -> list[int] | None:
-        views = {t: self._tables[t].free for t in request.types()}
-        return place(request.units(), views, request.distinct)
+    def _shape(self, request: Request) -> _Shape:
+        """The shape of `request` as submitted; raises UnknownResourceType."""
+        shape = self._shapes.get(request)
+        if shape is None:
+            shape = _Shape(self._normalize(request), self._tables)
+            if shape.n <= _CACHE_UNITS:
+                if len(self._shapes) >= _SHAPE_CACHE_MAX:
+                    self._shapes.clear()
+                self._shapes[request] = shape
+        return shape
 
-    def _unsatisfiable(self, request: Request) -> Unsatisfiable | None:
-        """Unsatisfiable if the planner cannot place `request` even in the empty pool."""
+    def _unsatisfiable(self, shape: _Shape) -> Unsatisfiable | None:
+        """Unsatisfiable if the planner cannot place the request even in the empty pool."""
+        request = shape.request
         if request in self._sat:
             return self._sat[request]
-        views = {t: self._tables[t].cap for t in request.types()}
         err = None
-        if place(request.units(), views, request.distinct) is None:
+        if _place(shape.plan, shape.n, shape.cap, shape.distinct) is None:
             err = Unsatisfiable(f"{request} can never be granted: {self._why(request)}")
-        if len(self._sat) >= _SAT_CACHE_MAX:
-            self._sat.clear()
-        self._sat[request] = err
+        if shape.n <= _CACHE_UNITS:
+            if len(self._sat) >= _SAT_CACHE_MAX:
+                self._sat.clear()
+            self._sat[request] = err
         return err
 
     def _why(self, request: Request) -> str:
@@ -955,44 +1056,58 @@ class Allocator:
                 return f"a unit of {biggest} {rtype} slots, the largest instance has {largest}"
         return "no placement of its units fits the pool"
 
-    def _slices(self, request: Request, positions: list[int]) -> tuple[tuple[Slice, ...], ...]:
-        it = iter(positions)
-        return tuple(
-            tuple(self._tables[u.type].slice(next(it), u.slots) for u in g) for g in request.groups
-        )
+    @staticmethod
+    def _slices(shape: _Shape, positions: list[int]) -> tuple[tuple[Slice, ...], ...]:
+        """The lease's groups: per request group, per unit, its slice."""
+        groups = []
+        i = 0
+        for spec in shape.groups:
+            g = []
+            for table, slots in spec:
+                g.append(table.slice(positions[i], slots))
+                i += 1
+            groups.append(tuple(g))
+        return tuple(groups)
 
     # --- internals: commit and release (cannot fail) -------------------------------------
 
     def _commit(
         self,
         owner: OwnerKey,
-        request: Request,
+        shape: _Shape,
         positions: list[int],
         now: float,
         label: str | None,
         holder: Mapping[str, Any] | None,
     ) -> Lease:
         lease_id = self._fresh_id()  # the only step that may raise: before any change
-        summed: dict[tuple[str, int], int] = {}
-        for u, pos in zip(request.units(), positions, strict=True):
-            summed[u.type, pos] = summed.get((u.type, pos), 0) + u.slots
-        order = {t: n for n, t in enumerate(dict.fromkeys(u.type for u in request.units()))}
         held = []
-        for (rtype, pos), slots in sorted(summed.items(), key=lambda x: (order[x[0][0]], x[0][1])):
-            table = self._tables[rtype]
-            inst = table.insts[pos]
-            inst.used += slots
-            self._refresh(table, inst)
-            held.append(table.slice(pos, slots))
-        lease = Lease(
-            id=lease_id,
-            owner=owner,
-            request=request,
-            groups=self._slices(request, positions),
-            label=label,
-            holder=holder or {},
-            granted_at=now,
-            held=tuple(held),
+        # `held`: slots summed per instance; types in request order, instances in pool order
+        for table, units in shape.per_type:
+            if len(units) == 1:
+                i, slots = units[0]
+                summed: Iterable[tuple[int, int]] = ((positions[i], slots),)
+            else:
+                per_pos: dict[int, int] = {}
+                for i, slots in units:
+                    pos = positions[i]
+                    per_pos[pos] = per_pos.get(pos, 0) + slots
+                summed = sorted(per_pos.items())
+            insts, free = table.insts, table.free
+            for pos, slots in summed:
+                inst = insts[pos]
+                inst.used += slots
+                free.set(pos, max(0, inst.slots - inst.used))
+                held.append(table.slice(pos, slots))
+        lease = Lease._granted(
+            lease_id,
+            owner,
+            shape.request,
+            self._slices(shape, positions),
+            label,
+            holder,
+            now,
+            tuple(held),
         )
         self._leases[lease_id] = lease
         self._owner_leases.setdefault(owner, {})[lease_id] = None
@@ -1020,14 +1135,13 @@ class Allocator:
                 continue
             inst.used -= s.slots
             if inst.live:
-                self._refresh(table, inst)
+                table.free.set(inst.pos, max(0, inst.slots - inst.used))
             elif inst.used <= 0:
                 del table.by_id[s.id]
 
     def _refresh(self, table: _Table, inst: _Inst) -> None:
         """Re-file an instance's free slots; only live, undrained ones are in the index."""
-        if inst.pos in table.free.free:
-            table.free.set(inst.pos, max(0, inst.slots - inst.used))
+        table.free.set(inst.pos, max(0, inst.slots - inst.used))
 
     def _rebuild_free(self, table: _Table) -> None:
         for inst in table.insts:
@@ -1068,11 +1182,10 @@ class Allocator:
         for w in self._queue.values():
             types = w.types
             if blocked.isdisjoint(types):
-                positions = self._place(w.request)
+                shape = w.shape
+                positions = _place(shape.plan, shape.n, shape.free, shape.distinct)
                 if positions is not None:
-                    lease = self._commit(
-                        w.owner, w.request, positions, self._now, w.label, w.holder
-                    )
+                    lease = self._commit(w.owner, shape, positions, self._now, w.label, w.holder)
                     events.append(Granted(w.owner, w.req_id, lease))
                     granted.append(w)
                     for t in types:
