@@ -111,13 +111,16 @@ def wait_for_socket(path: str, proc: subprocess.Popen[bytes] | None, timeout: fl
     raise TimeoutError(f"agent did not listen on {path}")
 
 
-def wait_until(predicate: Any, timeout: float = 10.0) -> None:
-    """Poll `predicate` (a test's view of the agent) until true; AssertionError on timeout."""
-    deadline = time.monotonic() + timeout
+def wait_until(predicate: Any, timeout: float = 10.0) -> float:
+    """Poll `predicate` (a test's view of the agent) until true; AssertionError on timeout.
+
+    Returns the seconds it took."""
+    start = time.monotonic()
     while not predicate():
-        if time.monotonic() > deadline:
+        if time.monotonic() - start > timeout:
             raise AssertionError("condition not met in time")
         time.sleep(0.01)
+    return time.monotonic() - start
 
 
 @contextmanager

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
-from agent_fixture import Agent, gpu_pool, running_agent
+from agent_fixture import Agent, gpu_pool, running_agent, wait_until
 
 PY = sys.executable
 RPOOL = [PY, "-m", "rpool_agent.cli"]
@@ -65,16 +65,6 @@ def one_line_error(proc: Any) -> str:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     return lines[0]
-
-
-def wait_until(predicate: Any, timeout: float = 10.0) -> float:
-    """Poll until true; returns the seconds it took."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
-    return time.monotonic() - start
 
 
 def lease_ids(agent: Agent) -> list[str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_fixture import gpu_pool, running_agent
+from agent_fixture import gpu_pool, running_agent, wait_until
 
 from rpool_agent.errors import (
     ResourceUnavailable,
@@ -44,14 +44,6 @@ def spawn_holder(agent: Any, n: int = 1) -> tuple[subprocess.Popen[str], str, li
     assert proc.stdout is not None
     line = proc.stdout.readline().split()
     return proc, line[0], line[1].split(",")
-
-
-def wait_until(predicate: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
 
 
 def test_sigkilled_holder_is_reaped_and_waiter_granted_at_once(tmp_path: Path) -> None:
