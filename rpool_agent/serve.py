@@ -75,6 +75,7 @@ def build_server(cfg: Any, reload_config: Callable[[], Any] | None = None) -> An
         pool_loader=lambda: load_pool(reload_config() if reload_config else cfg),
         watchdog_interval=systemd.watchdog_interval(),
         state=StateStore.for_dir(cfg.state_dir) if cfg.state_dir else None,
+        log_events=cfg.log_level in ("debug", "info"),
     )
 
 

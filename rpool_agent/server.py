@@ -187,6 +187,7 @@ class Server:
         state: Any = None,
         pool_loader: Callable[[], Pool] | None = None,
         watchdog_interval: float | None = None,
+        log_events: bool = True,
     ) -> None:
         self.pool = pool
         self.socket_path = socket_path
@@ -200,6 +201,7 @@ class Server:
         self.state = state
         self.pool_loader = pool_loader
         self.watchdog_interval = watchdog_interval
+        self.log_events = log_events
         # A random prefix per agent start keeps ids unique across restarts (a re-adopted
         # lease keeps its id); the counter keeps them unique, and cheap, within one.
         prefix = secrets.token_hex(3)
@@ -269,7 +271,8 @@ class Server:
         except Exception as exc:  # a bug: this call fails, the agent and its leases live on
             import traceback
 
-            self._log(f"internal error on {frame!r:.200}:\n{traceback.format_exc()}")
+            msg = f"internal error on {frame!r:.200}:\n{traceback.format_exc()}"
+            self._log(msg, important=True)
             conn.send(protocol.error(rid, RpoolAgentError(f"internal error: {exc!r:.200}")))
             return
         if result is not _DEFERRED:
@@ -595,9 +598,12 @@ class Server:
             self.state.record(self, lease_id)
         self._notify_status()
 
-    def _log(self, line: str) -> None:
+    def _log(self, line: str, *, important: bool = False) -> None:
         """One log line per event, written once per loop turn: a busy agent makes one
-        write for a burst of grants instead of one per grant."""
+        write for a burst of grants instead of one per grant. Event lines are `info`:
+        `log_level: warning` (or above) keeps only the important ones."""
+        if not (important or self.log_events):
+            return
         self._log_lines.append(line)
         if len(self._log_lines) == 1:
             try:

@@ -291,3 +291,15 @@ def test_client_without_agent_gets_a_clear_error(tmp_path: Path) -> None:
     assert r.returncode == 1
     assert "no agent at" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_log_level_warning_drops_event_lines(tmp_path: Path) -> None:
+    config = tmp_path / "agent.yaml"
+    config.write_text("log_level: warning\n")
+    with running_agent(tmp_path, None, "--config", str(config)) as agent, agent.client() as c:
+        c.acquire(gpus=1).release()
+        assert agent.status()["leases"] == []
+        assert agent.stop() == 0
+        log = agent.log()
+        assert "grant " not in log and "release " not in log
+        assert "serving" in log  # start-up and shutdown lines are always written
