@@ -345,6 +345,20 @@ class FreeIndex:
             keys = self._keys[node]
             del keys[bisect_left(keys, free)]
 
+    def best(self, node: NodeKey, k: int, count: int) -> list[tuple[int, int]]:
+        """The first `count` of `scan(node, k)`, as a list (no generator on the hot path)."""
+        out: list[tuple[int, int]] = []
+        keys = self._keys.get(node)
+        if keys:
+            bucket = self._buckets[node]
+            for x in range(bisect_left(keys, k), len(keys)):
+                f = keys[x]
+                for pos in bucket[f]:
+                    out.append((f, pos))
+                    if len(out) >= count:
+                        return out
+        return out
+
     def scan(self, node: NodeKey, k: int) -> Iterator[tuple[int, int]]:
         """(free, pos) of a node's instances with free >= k: fewest free, then pool order."""
         keys = self._keys.get(node)
@@ -436,19 +450,21 @@ def _place_numa(
     # 1. one node holds everything: best fit (fewest free anchor slots, then the others'
     # free slots, then node order). The first in that order almost always takes it, so
     # find it with one pass and sort the rest only when it does not.
+    nodes = plan.nodes
+    cand: Iterable[int] = range(len(nodes))
+    for t in types:
+        totals, want = views[t].totals, need[t]
+        cand = [x for x in cand if totals.get(nodes[x], 0) >= want]
     anchor = views[types[0]].totals
     others = [views[t].totals for t in types[1:]]
-    wants = [(views[t].totals, need[t]) for t in types]
-    fits: list[tuple[int, int, int]] = []  # (anchor free, others' free, node index)
-    for x, n in enumerate(plan.nodes):
-        for totals, want in wants:
-            if totals.get(n, 0) < want:
-                break
-        else:
-            rest = 0
-            for totals in others:
-                rest += totals.get(n, 0)
-            fits.append((anchor.get(n, 0), rest, x))
+    fits: list[tuple[int, int, int]]  # (anchor free, others' free, node index)
+    if not others:
+        fits = [(anchor[nodes[x]], 0, x) for x in cand]
+    elif len(others) == 1:
+        other = others[0]
+        fits = [(anchor.get(nodes[x], 0), other.get(nodes[x], 0), x) for x in cand]
+    else:
+        fits = [(anchor.get(nodes[x], 0), sum(o.get(nodes[x], 0) for o in others), x) for x in cand]
     if fits:
         first = min(fits)
         got = _fill_node(plan, views, plan.nodes[first[2]], distinct)
@@ -530,7 +546,11 @@ def _fill(
         while j < n and units[j][0] == k:
             j += 1
         got = i
-        for free, pos in _candidates(view, node, k, taken, distinct):
+        # each instance takes one unit at least, so j - i candidates are enough
+        cands = (
+            view.best(node, k, j - i) if not taken else _candidates(view, node, k, taken, distinct)
+        )
+        for free, pos in cands:
             if distinct:
                 m = 1
             elif k == 0:
