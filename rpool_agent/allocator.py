@@ -345,6 +345,15 @@ class FreeIndex:
             keys = self._keys[node]
             del keys[bisect_left(keys, free)]
 
+    def first(self, node: NodeKey, k: int) -> int | None:
+        """The first of `scan(node, k)`: the best fit for one unit of k slots."""
+        keys = self._keys.get(node)
+        if keys:
+            x = bisect_left(keys, k)
+            if x < len(keys):
+                return self._buckets[node][keys[x]][0]
+        return None
+
     def best(self, node: NodeKey, k: int, count: int) -> list[tuple[int, int]]:
         """The first `count` of `scan(node, k)`, as a list (no generator on the hot path)."""
         out: list[tuple[int, int]] = []
@@ -451,19 +460,22 @@ def _place_numa(
     # free slots, then node order). The first in that order almost always takes it, so
     # find it with one pass and sort the rest only when it does not.
     nodes = plan.nodes
-    cand: Iterable[int] = range(len(nodes))
-    for t in types:
-        totals, want = views[t].totals, need[t]
-        cand = [x for x in cand if totals.get(nodes[x], 0) >= want]
     anchor = views[types[0]].totals
-    others = [views[t].totals for t in types[1:]]
     fits: list[tuple[int, int, int]]  # (anchor free, others' free, node index)
-    if not others:
-        fits = [(anchor[nodes[x]], 0, x) for x in cand]
-    elif len(others) == 1:
-        other = others[0]
-        fits = [(anchor.get(nodes[x], 0), other.get(nodes[x], 0), x) for x in cand]
+    if len(types) == 1:
+        want = need[types[0]]
+        fits = [(f, 0, x) for x, n in enumerate(nodes) if (f := anchor[n]) >= want]
+    elif len(types) == 2:  # GPUs and CPUs
+        other = views[types[1]].totals
+        wa, wo = need[types[0]], need[types[1]]
+        fits = [(anchor.get(n, 0), other.get(n, 0), x) for x, n in enumerate(nodes)]
+        fits = [f for f in fits if f[0] >= wa and f[1] >= wo]
     else:
+        others = [views[t].totals for t in types[1:]]
+        cand: Iterable[int] = range(len(nodes))
+        for t in types:
+            totals, want = views[t].totals, need[t]
+            cand = [x for x in cand if totals.get(nodes[x], 0) >= want]
         fits = [(anchor.get(nodes[x], 0), sum(o.get(nodes[x], 0) for o in others), x) for x in cand]
     if fits:
         first = min(fits)
@@ -537,9 +549,17 @@ def _fill(
     free count is below every instance not yet visited, so best fit would pick it again
     until it is too small; taking `free // k` at once is the same choice, in fewer steps.
     """
+    n = len(units)
+    if n == 1 and not taken:  # one unit: the first candidate, if any
+        k, i = units[0]
+        pos = view.first(node, k)
+        if pos is None:
+            return [], units[:]
+        taken[pos] = k
+        return [(i, pos)], []
     placed: list[tuple[int, int]] = []
     left: _Units = []
-    i, n = 0, len(units)
+    i = 0
     while i < n:
         k = units[i][0]
         j = i + 1
@@ -633,7 +653,18 @@ class _Shape:
     knows per type which units to sum: no re-reading of the request on the hot path.
     """
 
-    __slots__ = ("cap", "distinct", "free", "groups", "n", "per_type", "plan", "request", "types")
+    __slots__ = (
+        "bounds",
+        "cap",
+        "distinct",
+        "free",
+        "n",
+        "per_type",
+        "plan",
+        "request",
+        "types",
+        "units",
+    )
 
     def __init__(self, request: Request, tables: Mapping[str, _Table]) -> None:
         units = request.units()
@@ -649,8 +680,12 @@ class _Shape:
         for i, u in enumerate(units):
             per_type.setdefault(u.type, []).append((i, u.slots))
         self.per_type = [(tables[t], lst) for t, lst in per_type.items()]
-        # per request group: (table, slots) of each unit, to build the lease's slices
-        self.groups = [[(tables[u.type], u.slots) for u in g] for g in request.groups]
+        # per unit (request order) its table and slots, and where each group's units are
+        self.units = [(tables[u.type], u.slots) for u in units]
+        self.bounds: list[tuple[int, int]] = []
+        for g in request.groups:
+            start = self.bounds[-1][1] if self.bounds else 0
+            self.bounds.append((start, start + len(g)))
 
 
 @dataclass(eq=False)
@@ -1079,15 +1114,14 @@ class Allocator:
     @staticmethod
     def _slices(shape: _Shape, positions: list[int]) -> tuple[tuple[Slice, ...], ...]:
         """The lease's groups: per request group, per unit, its slice."""
-        groups = []
-        i = 0
-        for spec in shape.groups:
-            g = []
-            for table, slots in spec:
-                g.append(table.slice(positions[i], slots))
-                i += 1
-            groups.append(tuple(g))
-        return tuple(groups)
+        slices = [t.slice(positions[i], n) for i, (t, n) in enumerate(shape.units)]
+        return Allocator._grouped(shape, slices)
+
+    @staticmethod
+    def _grouped(shape: _Shape, slices: list[Slice]) -> tuple[tuple[Slice, ...], ...]:
+        if len(shape.bounds) == 1:
+            return (tuple(slices),)
+        return tuple([tuple(slices[a:b]) for a, b in shape.bounds])
 
     # --- internals: commit and release (cannot fail) -------------------------------------
 
@@ -1100,37 +1134,50 @@ class Allocator:
         label: str | None,
         holder: Mapping[str, Any] | None,
     ) -> Lease:
-        lease_id = self._fresh_id()  # the only step that may raise: before any change
+        # the only step that may raise: before any change
+        lease_id = self._new_lease_id()
+        if type(lease_id) is not str or not lease_id or lease_id in self._leases:
+            lease_id = self._fresh_id()
+        slices = [t.slice(positions[i], n) for i, (t, n) in enumerate(shape.units)]
         held = []
         # `held`: slots summed per instance; types in request order, instances in pool order
         for table, units in shape.per_type:
+            insts, free = table.insts, table.free
             if len(units) == 1:
                 i, slots = units[0]
-                summed: Iterable[tuple[int, int]] = ((positions[i], slots),)
-            else:
-                per_pos: dict[int, int] = {}
-                for i, slots in units:
-                    pos = positions[i]
-                    per_pos[pos] = per_pos.get(pos, 0) + slots
-                summed = sorted(per_pos.items())
-            insts, free = table.insts, table.free
-            for pos, slots in summed:
+                pos = positions[i]
+                held.append(slices[i])
                 inst = insts[pos]
                 inst.used += slots
-                free.set(pos, max(0, inst.slots - inst.used))
+                left = inst.slots - inst.used
+                free.set(pos, left if left > 0 else 0)
+                continue
+            per_pos: dict[int, int] = {}
+            for i, slots in units:
+                pos = positions[i]
+                per_pos[pos] = per_pos.get(pos, 0) + slots
+            for pos, slots in sorted(per_pos.items()):
                 held.append(table.slice(pos, slots))
+                inst = insts[pos]
+                inst.used += slots
+                left = inst.slots - inst.used
+                free.set(pos, left if left > 0 else 0)
         lease = Lease._granted(
             lease_id,
             owner,
             shape.request,
-            self._slices(shape, positions),
+            self._grouped(shape, slices),
             label,
             holder,
             now,
             tuple(held),
         )
         self._leases[lease_id] = lease
-        self._owner_leases.setdefault(owner, {})[lease_id] = None
+        mine = self._owner_leases.get(owner)
+        if mine is None:
+            self._owner_leases[owner] = {lease_id: None}
+        else:
+            mine[lease_id] = None
         return lease
 
     def _fresh_id(self) -> str:
@@ -1155,7 +1202,8 @@ class Allocator:
                 continue
             inst.used -= s.slots
             if inst.live:
-                table.free.set(inst.pos, max(0, inst.slots - inst.used))
+                left = inst.slots - inst.used
+                table.free.set(inst.pos, left if left > 0 else 0)
             elif inst.used <= 0:
                 del table.by_id[s.id]
 
