@@ -70,8 +70,9 @@ class FrameDecoder:
 
     `feed` returns each complete frame as a decoded object, or as a `ProtocolError`
     instance when that frame is not valid JSON (the connection can go on). A frame longer
-    than `limit` raises `MessageTooLarge`: the caller must close the connection, since the
-    stream can no longer be trusted to resynchronise.
+    than `limit` raises `MessageTooLarge`, whose `frames` holds the whole frames that came
+    before it in the same read (to be answered still); then the caller must close the
+    connection, since the stream can no longer be trusted to resynchronise.
     """
 
     __slots__ = ("_buf", "limit")
@@ -86,24 +87,23 @@ class FrameDecoder:
 
     def feed(self, data: bytes) -> list[Any]:
         buf = self._buf + data if self._buf else data
-        if b"\n" not in buf:
-            if len(buf) > self.limit:
-                self._buf = b""
-                raise MessageTooLarge(f"message exceeds {self.limit} bytes")
-            self._buf = buf
-            return []
         *lines, rest = buf.split(b"\n")
-        if len(rest) > self.limit:
-            self._buf = b""
-            raise MessageTooLarge(f"message exceeds {self.limit} bytes")
-        self._buf = rest
+        self._buf = b""
         out: list[Any] = []
         for line in lines:
             if len(line) > self.limit:
-                raise MessageTooLarge(f"message exceeds {self.limit} bytes")
+                raise self._too_large(out)
             if line.strip():
                 out.append(decode_frame(line))
+        if len(rest) > self.limit:
+            raise self._too_large(out)
+        self._buf = rest
         return out
+
+    def _too_large(self, frames: list[Any]) -> MessageTooLarge:
+        exc = MessageTooLarge(f"message exceeds {self.limit} bytes")
+        exc.frames = frames  # type: ignore[attr-defined]
+        return exc
 
 
 def decode_frame(line: bytes) -> Any:

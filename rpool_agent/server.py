@@ -108,17 +108,19 @@ class Connection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         # 1) bytes into the codec
+        too_large: MessageTooLarge | None = None
         try:
             frames = self.decoder.feed(bytes(self._buffer[:nbytes]))
-        except MessageTooLarge as exc:
-            self.send(protocol.error(None, exc))
-            self.close()
-            return
+        except MessageTooLarge as exc:  # the frames before it are answered, then we close
+            frames, too_large = getattr(exc, "frames", []), exc
         # 2) + 3) each frame to the core, events out to their connections
         for frame in frames:
             if self.transport is None or self.transport.is_closing():
                 return
             self.server.handle_frame(self, frame)
+        if too_large is not None:
+            self.send(protocol.error(None, too_large))
+            self.close()
 
     def eof_received(self) -> bool:
         return False  # close our side too; connection_lost follows
