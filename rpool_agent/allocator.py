@@ -1137,7 +1137,7 @@ class Allocator:
         # the only step that may raise: before any change
         lease_id = self._new_lease_id()
         if type(lease_id) is not str or not lease_id or lease_id in self._leases:
-            lease_id = self._fresh_id()
+            lease_id = self._fresh_id(lease_id)
         slices = [t.slice(positions[i], n) for i, (t, n) in enumerate(shape.units)]
         held = []
         # `held`: slots summed per instance; types in request order, instances in pool order
@@ -1180,9 +1180,11 @@ class Allocator:
             mine[lease_id] = None
         return lease
 
-    def _fresh_id(self) -> str:
-        for _ in range(100):
-            lid = self._new_lease_id()
+    def _fresh_id(self, lid: Any) -> str:
+        """`lid` (just drawn) if usable, else the next usable id of up to 100 draws."""
+        for attempt in range(100):
+            if attempt:
+                lid = self._new_lease_id()
             if not isinstance(lid, str) or not lid:
                 raise TypeError("new_lease_id must return a non-empty str")
             if lid not in self._leases:

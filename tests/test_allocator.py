@@ -476,6 +476,24 @@ def test_zero_slot_leases_survive_a_reload_that_removes_their_instance() -> None
     assert a.snapshot()["leases"] == []
 
 
+def test_cached_request_shapes_follow_a_reload() -> None:
+    # the same Request values before and after: names and NUMA nodes come from the new pool
+    gpu, both = parse_request({"gpu": 1}), parse_request({"gpus": 1, "cpus": 2})
+    a = mkalloc(mkpool(gpus="0 1", cpus="0 1 2"))
+    assert ids(grant(a, "A", 1, gpu).groups) == "gpus:0"
+    assert ids(a.plan(both)) == "gpus:1 cpus:0 cpus:1"
+    a.set_pool(mkpool(gpu="9", gpus="0@0 1@1", cpus="0@0 1@1 2@1"))
+    assert ids(grant(a, "B", 1, gpu).groups) == "gpu:9"  # "gpu" is a type of its own now
+    assert ids(a.plan(both)) == "gpus:1 cpus:1 cpus:2"  # the free GPU's node
+    # a waiter planned on the old pool is granted by the new one's rules
+    w = mkalloc(mkpool(gpus="0", cpus="0 1 2 3"))
+    holder = grant(w, "A", 1, {"gpus": 1})
+    assert isinstance(w.submit("B", 1, both, now=0, timeout=None)[0], Queued)
+    assert w.set_pool(mkpool(gpus="0@0", cpus="0@0 1@1 2@1 3@0")) == []
+    events = w.release("A", holder.id)
+    assert ids(events[1].lease.groups) == "gpus:0 cpus:0 cpus:3"
+
+
 def test_slots_shrinking_under_a_lease_never_grants_more() -> None:
     a = mkalloc(mkpool(gpus="0:4"))
     lease = grant(a, "A", 1, "gpus:3")
@@ -511,6 +529,19 @@ def test_new_lease_ids_never_collide_with_adopted_ones() -> None:
     a = Allocator(mkpool(gpus="0 1"), new_lease_id=lambda: next(ids_given))
     first = grant(a, "A", 1, "gpus:1")
     assert (first.id, grant(a, "A", 2, "gpus:1").id) == ("L1", "L2")
+
+
+def test_bad_new_lease_ids_refuse_the_grant_and_change_nothing() -> None:
+    given = iter([7, "L1", "L1", "L1"])
+    a = Allocator(mkpool(gpus="0 1"), new_lease_id=lambda: next(given))
+    with pytest.raises(TypeError, match="non-empty str"):  # the first bad id, no redraw
+        a.submit("A", 1, parse_request("gpus:1"), now=0, timeout=None)
+    assert a.snapshot()["types"]["gpus"]["free"] == 2 and not a.leases
+    grant(a, "A", 1, "gpus:1")
+    a._new_lease_id = lambda: "L1"  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="already in use"):
+        a.submit("A", 2, parse_request("gpus:1"), now=0, timeout=None)
+    assert a.snapshot()["types"]["gpus"]["free"] == 1 and list(a.leases) == ["L1"]
 
 
 def test_status_snapshot_is_json() -> None:
