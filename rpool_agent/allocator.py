@@ -36,6 +36,7 @@ import math
 from bisect import bisect_left, insort
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import count
 from types import MappingProxyType
 from typing import Any, Union
 
@@ -393,7 +394,7 @@ class _Plan:
     and plans every later grant of that shape from it.
     """
 
-    __slots__ = ("by_type", "flat", "need", "nodes", "numa")
+    __slots__ = ("aligned", "by_type", "flat", "need", "nodes", "numa")
 
     def __init__(self, units: Sequence[Unit], views: Mapping[str, FreeIndex]) -> None:
         by_type: dict[str, _Units] = {}
@@ -411,6 +412,8 @@ class _Plan:
         self.nodes: list[NodeKey] = sorted(
             {n for t in numa for n in views[t].nodes}, key=_node_rank
         )
+        # every NUMA type has the same nodes (the usual case): their `totals` line up
+        self.aligned = all(views[t].nodes == self.nodes for t in numa)
 
 
 def _minus_slots(unit: tuple[int, int]) -> int:
@@ -462,14 +465,14 @@ def _place_numa(
     nodes = plan.nodes
     anchor = views[types[0]].totals
     fits: list[tuple[int, int, int]]  # (anchor free, others' free, node index)
-    if len(types) == 1:
+    if len(types) == 1:  # a type's totals are in its node order
         want = need[types[0]]
-        fits = [(f, 0, x) for x, n in enumerate(nodes) if (f := anchor[n]) >= want]
-    elif len(types) == 2:  # GPUs and CPUs
+        fits = [(f, 0, x) for f, x in zip(anchor.values(), count()) if f >= want]
+    elif len(types) == 2 and plan.aligned:  # GPUs and CPUs on the same nodes
         other = views[types[1]].totals
         wa, wo = need[types[0]], need[types[1]]
-        fits = [(anchor.get(n, 0), other.get(n, 0), x) for x, n in enumerate(nodes)]
-        fits = [f for f in fits if f[0] >= wa and f[1] >= wo]
+        both = zip(anchor.values(), other.values(), count())
+        fits = [(f, g, x) for f, g, x in both if f >= wa and g >= wo]
     else:
         others = [views[t].totals for t in types[1:]]
         cand: Iterable[int] = range(len(nodes))
@@ -557,6 +560,11 @@ def _fill(
             return [], units[:]
         taken[pos] = k
         return [(i, pos)], []
+    if distinct and not taken:  # 1-slot units, one instance each: the first n candidates
+        cands = view.best(node, 1, n)
+        for _, pos in cands:
+            taken[pos] = 1
+        return [(u[1], c[1]) for u, c in zip(units, cands, strict=False)], units[len(cands) :]
     placed: list[tuple[int, int]] = []
     left: _Units = []
     i = 0
