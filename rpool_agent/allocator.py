@@ -23,6 +23,11 @@ exact; with larger units on multi-slot instances a request that fits only by bac
 is treated as not fitting. The satisfiability check runs the same planner on the whole
 (empty) pool, so whatever is accepted into the queue is placed once its types are free.
 
+Speed: what a grant needs that free slots do not change (the normalized request, its
+units per type sorted for best fit, the NUMA nodes to try, how slices are summed) is a
+`_Shape`, kept per request value until the pool changes; each waiter holds its own. A
+grant is then best fit on per-node totals and free-slot buckets plus a commit.
+
 Queue: first come, first served with safe backfill. The walk over waiters keeps a set of
 blocked types (types of earlier waiters still waiting); a waiter touching a blocked type
 is skipped and its types join the set, so nothing later ever takes what an earlier
