@@ -96,6 +96,10 @@ class Request:
             object.__setattr__(self, "_hash", h)
         return h
 
+    def __getstate__(self) -> dict[str, Any]:
+        # str hashes differ between processes: a pickled Request hashes itself anew
+        return {k: v for k, v in self.__dict__.items() if k != "_hash"}
+
     def types(self) -> frozenset[str]:
         return self._types  # type: ignore[attr-defined, no-any-return]
 

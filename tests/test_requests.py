@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import re
 import shutil
@@ -215,6 +216,15 @@ def test_cache_keeps_look_alike_counts_apart() -> None:
     assert parse_request({"gpus": 1}).distinct is True
     # the same wire value, decoded twice: one Request, read once
     assert parse_request({"gpus": 2, "cpus": 1}) is parse_request({"gpus": 2, "cpus": 1})
+
+
+def test_pickled_requests_hash_afresh() -> None:
+    # string hashes are salted per process: a hash cached in one must not travel
+    r = parse_request({"gpus": 2, "cpus": 1})
+    hash(r)
+    back = pickle.loads(pickle.dumps(r))
+    assert "_hash" not in back.__dict__
+    assert back == r and hash(back) == hash(r) and back.units() == r.units()
 
 
 def test_cache_is_bounded() -> None:
