@@ -6,11 +6,13 @@ For 1, 8 and 64 concurrent client PROCESSES it measures:
 - the agent: acquire+release cycles/s and p50/p99 acquire latency (raw socket clients
   sending prebuilt frames, so the client library's cost does not hide the server's);
 - echo servers answering a frame of the same size: the fastest stdlib one we could write
-  (a bare epoll loop), an asyncio BufferedProtocol one (built like the agent) and an
-  asyncio streams one; each as round trips/s and p50/p99 of one round trip.
+  (a bare epoll loop), an asyncio BufferedProtocol one (built like the agent), the same
+  decoding and re-encoding each line as JSON (the agent's kind of server: "a plain asyncio
+  JSON-lines echo") and an asyncio streams one; each as round trips/s and p50/p99.
 Ratios: a cycle is two round trips, so `cycle cost / (2 x echo round trip)` says what the
-agent adds on top of moving the bytes. Targets (2-core VM): <= 2.5x the same-kind echo,
-p99 acquire at 64 clients <= 2x the echo's p99.
+agent adds on top of moving the bytes (epoll) or moving and parsing them (json). Targets
+(2-core VM): <= 2.5x the same-kind (JSON-lines) echo, p99 acquire at 64 clients <= 2x that
+echo's p99.
 
 Reaping: a holder process with a GPU is SIGKILLed while another client waits for that GPU;
 we time kill -> grant (median of many), next to the floor: kill -> EOF seen by a plain
@@ -80,6 +82,24 @@ class Echo(asyncio.BufferedProtocol):
         data = self.rest + bytes(self.buf[:n])
         *lines, self.rest = data.split(b"\n")
         if lines: self.t.write(b"".join(l + b"\n" for l in lines))
+async def main():
+    srv = await asyncio.get_running_loop().create_unix_server(Echo, sys.argv[1], backlog=512)
+    print("ready", flush=True)
+    await srv.serve_forever()
+asyncio.run(main())
+"""
+
+JSON_ECHO = r"""
+import asyncio, json, sys
+dumps = json.JSONEncoder(separators=(",", ":")).encode
+class Echo(asyncio.BufferedProtocol):
+    def connection_made(self, t): self.t = t; self.buf = bytearray(65536); self.rest = b""
+    def get_buffer(self, n): return memoryview(self.buf)
+    def buffer_updated(self, n):
+        data = self.rest + bytes(self.buf[:n])
+        *lines, self.rest = data.split(b"\n")
+        for l in lines:
+            self.t.write((dumps(json.loads(l)) + "\n").encode())
 async def main():
     srv = await asyncio.get_running_loop().create_unix_server(Echo, sys.argv[1], backlog=512)
     print("ready", flush=True)
@@ -164,7 +184,12 @@ def start_agent(tmp: str, n_cpus: int = 256, n_gpus: int = 1) -> tuple[subproces
 
 
 def start_echo(kind: str, tmp: str) -> tuple[subprocess.Popen[str], str]:
-    src = {"epoll": EPOLL_ECHO, "protocol": PROTOCOL_ECHO, "streams": STREAMS_ECHO}[kind]
+    src = {
+        "epoll": EPOLL_ECHO,
+        "protocol": PROTOCOL_ECHO,
+        "json": JSON_ECHO,
+        "streams": STREAMS_ECHO,
+    }[kind]
     sock = os.path.join(tmp, f"{kind}.sock")
     p = start([PY, "-c", src, sock])
     assert p.stdout is not None
@@ -263,7 +288,7 @@ def main() -> None:
     results: dict[str, Any] = {"seconds": a.seconds, "levels": {}}
     with tempfile.TemporaryDirectory() as tmp:
         servers = {"agent": start_agent(tmp)}
-        for kind in ("epoll", "protocol", "streams"):
+        for kind in ("epoll", "protocol", "json", "streams"):
             servers[f"echo-{kind}"] = start_echo(kind, tmp)
         try:
             for n in levels:
@@ -299,7 +324,7 @@ def print_table(r: dict[str, Any]) -> None:
             if name == "agent":
                 cycle_us = 1e6 / m["per_s"]
                 notes = []
-                for echo in ("echo-epoll", "echo-protocol"):
+                for echo in ("echo-epoll", "echo-json"):
                     rt_us = 1e6 / row[echo]["per_s"]
                     notes.append(f"cycle = {cycle_us / (2 * rt_us):.2f}x 2 {echo} RTs")
                 notes.append(
