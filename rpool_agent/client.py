@@ -23,6 +23,10 @@ from typing import Any
 from . import protocol
 from .errors import AgentUnavailable, ProtocolError, RpoolAgentError, UnknownLease
 
+#: Replies can be far larger than requests (`status` of a busy node lists every lease and
+#: waiter); the agent is trusted, so the client's bound is only against a runaway stream.
+MAX_REPLY_BYTES = 64 * 1024 * 1024
+
 
 @dataclass
 class Lease:
@@ -113,7 +117,7 @@ class Client:
         self.connect_timeout = connect_timeout
         self.reconnect_timeout = reconnect_timeout
         self._sock: socket.socket | None = None
-        self._decoder = protocol.FrameDecoder()
+        self._decoder = protocol.FrameDecoder(MAX_REPLY_BYTES)
         self._frames: list[Any] = []
         self._ids = itertools.count(1)
         self._held: dict[str, Lease] = {}
@@ -125,22 +129,10 @@ class Client:
     def connect(self) -> Client:
         if self._sock is not None:
             return self
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.connect_timeout)
-        try:
-            sock.connect(self.socket_path)
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            sock.close()
-            raise AgentUnavailable(
-                f"no agent at {self.socket_path} ({exc.strerror or exc}); "
-                "start one with 'rpool-agent serve' or set RPOOL_AGENT_SOCKET"
-            ) from None
-        except OSError as exc:
-            sock.close()
-            raise AgentUnavailable(f"cannot connect to {self.socket_path}: {exc}") from None
+        sock = self._open_socket()
         sock.settimeout(None)
         self._sock = sock
-        self._decoder = protocol.FrameDecoder()
+        self._decoder = protocol.FrameDecoder(MAX_REPLY_BYTES)
         self._frames = []
         try:
             self.server_info = self._call_once(
@@ -150,6 +142,33 @@ class Client:
             self.close()
             raise AgentUnavailable(f"the agent at {self.socket_path} hung up") from None
         return self
+
+    def _open_socket(self) -> socket.socket:
+        """Connect; while the socket file is there but refuses (an agent restarting after a
+        crash), keep trying for `connect_timeout` seconds rather than fail a job at once."""
+        deadline = time.monotonic() + self.connect_timeout
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.connect_timeout)
+            try:
+                sock.connect(self.socket_path)
+                return sock
+            except ConnectionRefusedError as exc:
+                sock.close()
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                reason = exc.strerror or str(exc)
+            except FileNotFoundError as exc:
+                sock.close()
+                reason = exc.strerror or str(exc)
+            except OSError as exc:
+                sock.close()
+                raise AgentUnavailable(f"cannot connect to {self.socket_path}: {exc}") from None
+            raise AgentUnavailable(
+                f"no agent at {self.socket_path} ({reason}); "
+                "start one with 'rpool-agent serve' or set RPOOL_AGENT_SOCKET"
+            )
 
     def close(self) -> None:
         if self._sock is not None:

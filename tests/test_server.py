@@ -303,3 +303,33 @@ def test_log_level_warning_drops_event_lines(tmp_path: Path) -> None:
         log = agent.log()
         assert "grant " not in log and "release " not in log
         assert "serving" in log  # start-up and shutdown lines are always written
+
+
+def test_replies_larger_than_a_request_frame_reach_the_client(tmp_path: Path) -> None:
+    big = gpu_pool(4, n_cpus=3000)  # the node-form pool document is well over 64 KiB
+    with running_agent(tmp_path, big) as agent, agent.client() as c:
+        doc = c.pool()
+        assert len(json.dumps(doc)) > 64 * 1024
+        cpus = doc["resource_pool"]["nodes"][0]["resources"]["cpus"]
+        assert len(cpus) == 3000
+
+
+def test_new_client_waits_for_an_agent_restarting_on_a_stale_socket(tmp_path: Path) -> None:
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(tmp_path / "agent.sock"))
+    stale.close()  # what a SIGKILLed agent leaves: the file, refusing connections
+    result: dict[str, Any] = {}
+
+    def connect_early() -> None:
+        from rpool_agent.client import Client
+
+        with Client(str(tmp_path / "agent.sock"), connect_timeout=20) as c:
+            result["status"] = c.status()
+
+    t = threading.Thread(target=connect_early)
+    t.start()
+    time.sleep(0.3)
+    assert t.is_alive()  # still trying, not failed
+    with running_agent(tmp_path):
+        t.join(20)
+    assert result["status"]["types"]["gpus"]["total"] == 4
