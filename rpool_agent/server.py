@@ -221,6 +221,7 @@ class Server:
         self._owned_socket = False
         self._status_pending = False
         self._log_lines: list[str] = []
+        self._turn_end: dict[Callable[[], None], None] = {}
 
     # --- connections ------------------------------------------------------------------
 
@@ -608,10 +609,25 @@ class Server:
             return
         self._log_lines.append(line)
         if len(self._log_lines) == 1:
+            self.at_turn_end(self._flush_log)
+
+    def at_turn_end(self, fn: Callable[[], None]) -> None:
+        """Run `fn` once when this loop turn's events are handled, together with every
+        other deferred flush (log lines, journal) in ONE scheduled callback: a loop
+        iteration per flush per message was a measurable share of a lease cycle."""
+        if fn in self._turn_end:
+            return
+        self._turn_end[fn] = None
+        if len(self._turn_end) == 1:
             try:
-                asyncio.get_running_loop().call_soon(self._flush_log)
-            except RuntimeError:
-                self._flush_log()
+                asyncio.get_running_loop().call_soon(self._run_turn_end)
+            except RuntimeError:  # no loop (start-up, shutdown): now
+                self._run_turn_end()
+
+    def _run_turn_end(self) -> None:
+        callbacks, self._turn_end = self._turn_end, {}
+        for fn in callbacks:
+            fn()
 
     def _flush_log(self) -> None:
         lines, self._log_lines = self._log_lines, []

@@ -158,7 +158,6 @@ class StateStore:
         self._fd: int | None = None
         self._lock_fd: int | None = None
         self._lines = 0
-        self._scheduled = False
         self._closed = False
         self._server: Any = None
         self._by_token: dict[str, str] = {}  # restored leases not yet re-claimed
@@ -295,14 +294,7 @@ class StateStore:
             self.pending.append('{"end":' + _encode(lease_id) + "}")
             if self._by_token:
                 self._by_token = {t: i for t, i in self._by_token.items() if i != lease_id}
-        if not self._scheduled:
-            self._scheduled = True
-            try:
-                import asyncio
-
-                asyncio.get_running_loop().call_soon(self._end_of_turn)
-            except RuntimeError:
-                self._end_of_turn()
+        server.at_turn_end(self._end_of_turn)
 
     def flush(self) -> None:
         """Write every pending line in one `write()`; before any reply leaves."""
@@ -317,7 +309,6 @@ class StateStore:
         _write_all(self._fd, data)
 
     def _end_of_turn(self) -> None:
-        self._scheduled = False
         self.flush()
         if self._server is not None and self._lines > self.compact_slack + 2 * len(
             self._server.extras
