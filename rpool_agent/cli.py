@@ -30,8 +30,8 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool | None = typer.Option(
-        None, "--version", callback=_version_callback, is_eager=True, help="Show the version."
+    version: bool = typer.Option(
+        False, "--version", callback=_version_callback, is_eager=True, help="Show the version."
     ),
 ) -> None:
     """rpool-agent: the node-local authority over CPUs and GPUs."""
