@@ -386,6 +386,9 @@ class Server:
         now = time.monotonic()
         for item in snap.get("leases", []):
             item["age_s"] = round(now - item.get("granted_at", now), 3)
+            extras = self.extras.get(item["id"])
+            if extras is not None:  # the current holder: a re-claim moves the lease
+                item["holder"] = extras.holder.to_dict()
         for item in snap.get("waiters", []):
             item["waiting_s"] = round(now - item.get("since", now), 3)
         snap["connections"] = len(self.connections)

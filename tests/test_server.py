@@ -333,3 +333,32 @@ def test_new_client_waits_for_an_agent_restarting_on_a_stale_socket(tmp_path: Pa
     with running_agent(tmp_path):
         t.join(20)
     assert result["status"]["types"]["gpus"]["total"] == 4
+
+
+RECLAIMABLE = """
+import sys, time
+from rpool_agent.client import Client
+c = Client(sys.argv[1]).connect()
+lease = c.acquire({"gpus": 1})
+print(lease.id, lease.token, flush=True)
+time.sleep(120)
+"""
+
+
+def test_status_shows_the_holder_a_reclaim_moved_the_lease_to(tmp_path: Path) -> None:
+    with running_agent(tmp_path) as agent:
+        other = subprocess.Popen(
+            [PY, "-c", RECLAIMABLE, agent.socket], stdout=subprocess.PIPE, text=True
+        )
+        assert other.stdout is not None
+        lease_id, token = other.stdout.readline().split()
+        try:
+            [entry] = agent.status()["leases"]
+            assert entry["holder"]["pid"] == other.pid
+            with agent.client() as c:
+                c.call("reclaim", lease=lease_id, token=token)
+                [entry] = c.status()["leases"]
+                assert entry["holder"]["pid"] == os.getpid()
+        finally:
+            other.kill()
+            other.wait()
