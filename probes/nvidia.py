@@ -15,12 +15,15 @@ machine we run on, not the tree. See docs/gpus.md.
 from __future__ import annotations
 
 import os
-import re
-from dataclasses import dataclass, fields, replace
-from types import ModuleType
-from typing import Any
 
+from .record import Frozen, replace
 from .sysfs import Root, as_root, parse_cpulist, parse_cpumask
+
+TYPE_CHECKING = False  # not typing's: `detect` does not import typing (see record.py)
+if TYPE_CHECKING:
+    import re
+    from types import ModuleType
+    from typing import Any
 
 LIBRARY = "libnvidia-ml.so.1"
 PROC_GPUS = "proc/driver/nvidia/gpus"
@@ -31,21 +34,20 @@ NVML_DEVICE_MIG_ENABLE = 1  # nvml.h; spelled out so the module needs no pynvml 
 # --- data ------------------------------------------------------------------------------
 
 
-def _to_dict(obj: Any) -> dict[str, Any]:
+def _to_dict(obj: Frozen) -> dict[str, Any]:
     """Fields as plain JSON values; `None` (absent) fields are left out, tuples become lists."""
     out: dict[str, Any] = {}
-    for f in fields(obj):
-        value = getattr(obj, f.name)
+    for name in obj._fields:
+        value = getattr(obj, name)
         if value is None:
             continue
         if isinstance(value, tuple):
             value = [v.to_dict() if hasattr(v, "to_dict") else v for v in value]
-        out[f.name] = value
+        out[name] = value
     return out
 
 
-@dataclass(frozen=True)
-class MigDevice:
+class MigDevice(Frozen):
     """One MIG device; `index` is its NVML slot under the parent (slots can be sparse)."""
 
     index: int
@@ -55,12 +57,29 @@ class MigDevice:
     gpu_instance_id: int | None
     compute_instance_id: int | None
 
+    def __init__(
+        self,
+        index: int,
+        uuid: str,
+        name: str | None,
+        memory_bytes: int | None,
+        gpu_instance_id: int | None,
+        compute_instance_id: int | None,
+    ) -> None:
+        self.__dict__.update(
+            index=index,
+            uuid=uuid,
+            name=name,
+            memory_bytes=memory_bytes,
+            gpu_instance_id=gpu_instance_id,
+            compute_instance_id=compute_instance_id,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)
 
 
-@dataclass(frozen=True)
-class Gpu:
+class Gpu(Frozen):
     """One physical GPU. `None` means NVML (or /proc) did not say: the field is absent."""
 
     index: int  # NVML index (PCI bus order), also under the /proc fallback
@@ -75,17 +94,60 @@ class Gpu:
     mig_enabled: bool | None
     mig_devices: tuple[MigDevice, ...]
 
+    def __init__(
+        self,
+        index: int,
+        uuid: str,
+        name: str | None,
+        memory_bytes: int | None,
+        pci_bus_id: str | None,
+        minor_number: int | None,
+        numa_node: int | None,
+        cpu_affinity: tuple[int, ...] | None,
+        compute_capability: str | None,
+        mig_enabled: bool | None,
+        mig_devices: tuple[MigDevice, ...],
+    ) -> None:
+        self.__dict__.update(
+            index=index,
+            uuid=uuid,
+            name=name,
+            memory_bytes=memory_bytes,
+            pci_bus_id=pci_bus_id,
+            minor_number=minor_number,
+            numa_node=numa_node,
+            cpu_affinity=cpu_affinity,
+            compute_capability=compute_capability,
+            mig_enabled=mig_enabled,
+            mig_devices=mig_devices,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)
 
 
-@dataclass(frozen=True)
-class GpuReport:
+class GpuReport(Frozen):
     gpus: tuple[Gpu, ...]
     driver_version: str | None  # "550.54.15"
     cuda_driver_version: str | None  # "12.4"
     source: str  # "nvml" | "procfs" | "none"
     problem: str | None  # one line for stderr: why no GPUs, or why the reading is partial
+
+    def __init__(
+        self,
+        gpus: tuple[Gpu, ...],
+        driver_version: str | None,
+        cuda_driver_version: str | None,
+        source: str,
+        problem: str | None,
+    ) -> None:
+        self.__dict__.update(
+            gpus=gpus,
+            driver_version=driver_version,
+            cuda_driver_version=cuda_driver_version,
+            source=source,
+            problem=problem,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)
@@ -93,10 +155,17 @@ class GpuReport:
 
 # --- pure parsers ----------------------------------------------------------------------
 
-_BUS_ID = re.compile(r"^(?:([0-9a-fA-F]+):)?([0-9a-fA-F]{1,2}):([0-9a-fA-F]{1,2})\.([0-7])$")
+_BUS_ID: re.Pattern[str] | None = None  # compiled on first use: most nodes have no GPU
 
 
 def _bus_fields(text: str) -> tuple[int, int, int, int] | None:
+    global _BUS_ID
+    if _BUS_ID is None:
+        import re
+
+        _BUS_ID = re.compile(
+            r"^(?:([0-9a-fA-F]+):)?([0-9a-fA-F]{1,2}):([0-9a-fA-F]{1,2})\.([0-7])$"
+        )
     m = _BUS_ID.match(text.strip())
     if not m:
         return None
@@ -133,6 +202,8 @@ def parse_driver_version(text: str) -> str | None:
     Proprietary: "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.129.03  Tue Oct ...";
     open modules: "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  535.129.03 ...".
     """
+    import re
+
     first = text.splitlines()[0] if text else ""
     m = re.search(r"Kernel Module(?: for \S+)?\s+(\d+(?:\.\d+)+)", first)
     return m.group(1) if m else None

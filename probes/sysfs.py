@@ -7,38 +7,56 @@ A missing file is a choice made at the call site: `read(path, default=None)`.
 
 from __future__ import annotations
 
-import glob
 import os
-import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TypeVar
 
-T = TypeVar("T")
+from .record import Frozen
+
+TYPE_CHECKING = False  # not typing's: `detect` does not import typing (see record.py)
+if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import TypeVar
+
+    T = TypeVar("T")
 _MISSING: object = object()
 
 
 class Root:
-    """A system root: `/` on the live machine, or a recorded tree in tests."""
+    """A system root: `/` on the live machine, or a recorded tree in tests.
 
-    __slots__ = ("path",)
+    Paths are joined as strings: `pathlib` costs ~4 ms to import, and `detect` runs in
+    every job's prologue. `path` and `join` still give `Path`s to whoever asks.
+    """
+
+    __slots__ = ("_base", "dir")
 
     def __init__(self, path: str | os.PathLike[str] = "/") -> None:
-        self.path = Path(path)
+        #: The root as a string, as given ("." for ""; `Path` would say the same).
+        self.dir: str = os.fspath(path) or "."
+        self._base = self.dir.rstrip("/") + "/"  # "/" for the live root
+
+    @property
+    def path(self) -> Path:
+        from pathlib import Path
+
+        return Path(self.dir)
 
     @property
     def is_live(self) -> bool:
         """True for the real `/`: only then do live syscalls (affinity) describe this tree."""
-        return self.path.resolve() == Path("/")
+        return os.path.realpath(self.dir) == "/"
 
     def join(self, rel: str) -> Path:
         return self.path / rel.lstrip("/")
 
+    def file(self, rel: str) -> str:
+        """`rel` under the root, as a string (what `join` gives as a `Path`)."""
+        return self._base + rel.lstrip("/")
+
     def read(self, rel: str, default: T | object = _MISSING) -> str | T:
         """The file's text, stripped of whitespace and NUL padding (`node/online` has some)."""
         try:
-            with open(self.join(rel), encoding="ascii", errors="replace") as f:
+            with open(self.file(rel), encoding="ascii", errors="replace") as f:
                 return f.read().strip().strip("\x00").strip()
         except OSError:
             if default is _MISSING:
@@ -50,7 +68,7 @@ class Root:
         per CPU on each read, so reading only the first record is much cheaper). Empty if
         the file cannot be opened."""
         try:
-            f = open(self.join(rel), encoding="ascii", errors="replace")  # noqa: SIM115
+            f = open(self.file(rel), encoding="ascii", errors="replace")  # noqa: SIM115
         except OSError:  # missing is a normal answer here; the `with` below closes it
             return
         with f:
@@ -73,17 +91,19 @@ class Root:
         return _parsed(self.read(rel, default=None), parse_cpumask)
 
     def exists(self, rel: str) -> bool:
-        return self.join(rel).exists()
+        return os.path.exists(self.file(rel))
 
     def glob(self, pattern: str) -> list[str]:
         """Paths relative to the root matching `pattern`, sorted."""
+        import glob
+
         base = str(self.path).rstrip("/")
         hits = glob.glob(str(self.join(pattern)))
         return sorted("/" + h[len(base) :].lstrip("/") for h in hits)
 
     def listdir(self, rel: str) -> list[str]:
         try:
-            return sorted(os.listdir(self.join(rel)))
+            return sorted(os.listdir(self.file(rel)))
         except OSError:
             return []
 
@@ -100,14 +120,18 @@ def _parsed(text: str | None, parse: Callable[[str], list[int]]) -> list[int] | 
         return None
 
 
-@dataclass(frozen=True)
-class Mount:
+class Mount(Frozen):
     """One line of `/proc/self/mountinfo` (or `/proc/mounts`, which lacks `root`)."""
 
     mountpoint: str
     fstype: str
     options: frozenset[str]  # mount and super-block options together ("cpuset", "rw"...)
-    root: str = "/"  # the part of the filesystem mounted there (a cgroup path for cgroupfs)
+    root: str  # the part of the filesystem mounted there (a cgroup path for cgroupfs)
+
+    def __init__(
+        self, mountpoint: str, fstype: str, options: frozenset[str], root: str = "/"
+    ) -> None:
+        self.__dict__.update(mountpoint=mountpoint, fstype=fstype, options=options, root=root)
 
 
 def mounts(root: Root) -> list[Mount]:
@@ -138,6 +162,10 @@ def mounts(root: Root) -> list[Mount]:
 
 def _unescape(field: str) -> str:
     """The kernel writes space, tab, newline and backslash in mount paths as octal escapes."""
+    if "\\" not in field:
+        return field  # nearly every line: no need for `re`
+    import re
+
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 

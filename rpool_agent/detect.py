@@ -11,14 +11,15 @@ pool's `additional_properties`, where every canary version ignores what it does 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .errors import ConfigError, ProbeError
 from .pool import MAX_SLOTS, Instance, Pool
 
+TYPE_CHECKING = False  # not typing's: `detect` does not import typing (see probes/record.py)
 if TYPE_CHECKING:
+    from typing import Any
+
     from .probes.cpu import CpuTopology
     from .probes.numa import NumaTopology
     from .probes.nvidia import Gpu, GpuReport
@@ -62,6 +63,7 @@ def topology_report(
     pus_per_numa (node-id order); of what this process may use: allowed_pus,
     allowed_cores, allowed_cpulist, allowed_nodelist (nodes holding a usable CPU); gpus.
     """
+    from .probes.record import plain
     from .probes.sysfs import format_cpulist
 
     r = _root(root)
@@ -82,8 +84,8 @@ def topology_report(
         "allowed_cpulist": format_cpulist(cpu.usable),
         "allowed_nodelist": format_cpulist([n.id for n in numa.nodes if usable & set(n.cpus)]),
         "gpus": len(report.gpus),
-        "cpu": _jsonable(asdict(cpu)),
-        "numa": _jsonable(asdict(numa)),
+        "cpu": plain(cpu),
+        "numa": plain(numa),
         "nvidia": report.to_dict(),
     }
 
@@ -105,7 +107,7 @@ def _root(root: str | os.PathLike[str] | Root) -> Root:
     from .probes.sysfs import Root
 
     r = root if isinstance(root, Root) else Root(root)
-    if not r.path.is_dir():
+    if not os.path.isdir(r.dir):
         raise ProbeError(f"system root {str(r.path)!r} is not a directory")
     return r
 
@@ -195,11 +197,3 @@ def _numa_summary(
         out[str(node.id)] = entry
     return out
 
-
-def _jsonable(value: Any) -> Any:
-    """Tuples -> lists, all the way down (asdict keeps tuples; JSON and YAML want lists)."""
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value

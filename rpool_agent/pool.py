@@ -20,10 +20,13 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
 
 from .errors import PoolFormatError
+from .probes.record import Record
+
+TYPE_CHECKING = False  # not typing's: `detect` does not import typing (see probes/record.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 #: CTest's rules (Help/manual/ctest.1.rst): type names and ids it accepts.
 TYPE_NAME_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
@@ -31,26 +34,39 @@ INSTANCE_ID_RE = re.compile(r"^[a-z0-9_]+$")
 MAX_SLOTS = 4294967295
 
 
-@dataclass
-class Instance:
+class Instance(Record):
     """One allocatable thing: a core, a GPU, a MIG device... with `slots` units of capacity."""
 
     id: str
-    slots: int = 1
-    properties: dict[str, Any] = field(default_factory=dict)
+    slots: int
+    properties: dict[str, Any]
+
+    def __init__(self, id: str, slots: int = 1, properties: dict[str, Any] | None = None) -> None:
+        self.id = id
+        self.slots = slots
+        self.properties = {} if properties is None else properties
 
     def to_seed(self) -> dict[str, str | int]:
         """The `{id, slots}` shape that canary and CTest use."""
         return {"id": self.id, "slots": self.slots}
 
 
-@dataclass
-class Node:
+class Node(Record):
     """One machine's resources (this agent serves exactly one, but documents may hold more)."""
 
     id: str
-    resources: dict[str, list[Instance]] = field(default_factory=dict)
-    additional_properties: dict[str, Any] = field(default_factory=dict)
+    resources: dict[str, list[Instance]]
+    additional_properties: dict[str, Any]
+
+    def __init__(
+        self,
+        id: str,
+        resources: dict[str, list[Instance]] | None = None,
+        additional_properties: dict[str, Any] | None = None,
+    ) -> None:
+        self.id = id
+        self.resources = {} if resources is None else resources
+        self.additional_properties = {} if additional_properties is None else additional_properties
 
     def instance(self, rtype: str, rid: str) -> Instance | None:
         for inst in self.resources.get(rtype, ()):
@@ -59,12 +75,19 @@ class Node:
         return None
 
 
-@dataclass
-class Pool:
+class Pool(Record):
     """A resource pool: pool-wide properties plus one or more nodes."""
 
-    nodes: list[Node] = field(default_factory=list)
-    additional_properties: dict[str, Any] = field(default_factory=dict)
+    nodes: list[Node]
+    additional_properties: dict[str, Any]
+
+    def __init__(
+        self,
+        nodes: list[Node] | None = None,
+        additional_properties: dict[str, Any] | None = None,
+    ) -> None:
+        self.nodes = [] if nodes is None else nodes
+        self.additional_properties = {} if additional_properties is None else additional_properties
 
     # --- construction -----------------------------------------------------------------
 

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
 
 from ..errors import PoolFormatError
 from ..pool import Pool
+from ..probes.record import Record
 from . import canary_flat, canary_nodes, ctest
 from .validate import Problems, first_error, kind
+
+TYPE_CHECKING = False  # not typing's: `detect` does not import typing (see probes/record.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 FORMATS = ("canary", "canary-nodes", "ctest")
 _MODULES = {m.NAME: m for m in (canary_flat, canary_nodes, ctest)}
@@ -43,13 +46,22 @@ __all__ = [
 ]
 
 
-@dataclass
-class Checked:
+class Checked(Record):
     """What reading a document found: its form, the pool (None if unusable), every problem."""
 
     format: str
-    pool: Pool | None = None
-    errors: list[PoolFormatError] = field(default_factory=list)
+    pool: Pool | None
+    errors: list[PoolFormatError]
+
+    def __init__(
+        self,
+        format: str,
+        pool: Pool | None = None,
+        errors: list[PoolFormatError] | None = None,
+    ) -> None:
+        self.format = format
+        self.pool = pool
+        self.errors = [] if errors is None else errors
 
     def pool_or_raise(self) -> Pool:
         if self.errors or self.pool is None:

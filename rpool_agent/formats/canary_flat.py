@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from typing import Any
 
 from ..errors import PoolFormatError
 from ..pool import Instance, Node, Pool
 from .validate import Problems, at, read_resources
+
+TYPE_CHECKING = False  # not typing's: `detect` does not import typing (see probes/record.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 NAME = "canary"
 HOST, NODE_PROPERTIES, INSTANCES = "host", "node_properties", "instances"

@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from typing import Any
 
 from ..pool import Instance, Node, Pool
 from .validate import Problems, at, kind, read_resources
+
+TYPE_CHECKING = False  # not typing's: `detect` does not import typing (see probes/record.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 NAME = "canary-nodes"
 ALLOW_MULTINODE = "allow_multinode"

@@ -13,11 +13,14 @@ says what it dropped.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 from ..errors import PoolFormatError
 from ..pool import Pool
 from .validate import Problems, at, kind, read_resources
+
+TYPE_CHECKING = False  # not typing's: `detect` does not import typing (see probes/record.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 NAME = "ctest"
 VERSION = {"major": 1, "minor": 0}

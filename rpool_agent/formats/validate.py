@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
 
 from ..errors import PoolFormatError
 from ..pool import INSTANCE_ID_RE, MAX_SLOTS, TYPE_NAME_RE, Instance
+
+TYPE_CHECKING = False  # not typing's: `detect` does not import typing (see probes/record.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 #: More instances than this from one shorthand count is a typo, not a machine.
 MAX_COUNT = 100_000

@@ -15,9 +15,12 @@ import functools
 import math
 import re
 from collections.abc import Mapping
-from typing import Any
 
 from ..errors import PoolFormatError
+
+TYPE_CHECKING = False  # not typing's: `detect` does not import typing (see probes/record.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 _PLAIN = re.compile(r"[A-Za-z][A-Za-z0-9_./\-]*")  # fullmatch: `$` would let "a\n" in
 #: YAML 1.1 words PyYAML resolves to bool or null (checked lower-cased: stricter than needed).
