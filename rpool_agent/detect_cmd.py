@@ -2,9 +2,11 @@
 
 `detect` is the command a node runs most (`rpool-agent detect > pool.yaml` in every job's
 prologue) and its budget is a few times hwloc's `lstopo`. typer alone costs more than that
-to import, so `cli.main` hands a plain `detect` invocation to `fast_main`, an argparse
-parser for the same options; `--help` and anything it cannot parse still go through typer.
-tests/test_detect_cli.py checks that both parsers know exactly the same options.
+to import, so `entry.main` hands a plain `detect` invocation to `fast_main`, which parses
+the same options by hand (argparse, with the gettext, locale and shutil it pulls in, costs
+~4 ms); `--help` and anything it does not take exactly as click would still go through
+typer, which then prints the proper message. tests/test_detect_cli.py checks that both
+know exactly the same options and give the same output.
 """
 
 from __future__ import annotations
@@ -69,37 +71,68 @@ def write_text(text: str, output: str | None) -> None:
         raise RpoolAgentError(f"cannot write {output}: {exc.strerror or exc}") from None
 
 
-def fast_parser():  # -> argparse.ArgumentParser (argparse imported lazily)
-    import argparse
+#: `detect`'s options as cli.py declares them: option -> (run_detect parameter, takes a value).
+OPTIONS: dict[str, tuple[str, bool]] = {
+    "--format": ("form", True),
+    "-f": ("form", True),
+    "--hyperthreads": ("hyperthreads", False),
+    "--slots-per-gpu": ("slots_per_gpu", True),
+    "--mig": ("mig", False),
+    "--sysroot": ("sysroot", True),
+    "--output": ("output", True),
+    "-o": ("output", True),
+}
 
-    p = argparse.ArgumentParser(prog="rpool-agent detect", add_help=False)
-    p.add_argument("--format", "-f", dest="form", default="canary")
-    p.add_argument("--hyperthreads", action="store_true")
-    p.add_argument("--slots-per-gpu", type=int, default=1)
-    p.add_argument("--mig", action="store_true")
-    p.add_argument("--sysroot", default="/")
-    p.add_argument("--output", "-o", default=None)
-    return p
+
+def parse_fast(argv: list[str]) -> dict[str, str | bool] | None:
+    """`argv` (after the word detect) as {parameter: value}, read as click reads it:
+    `--opt value`, `--opt=value`, `-o value`, `-ovalue`, flags without a value, the last
+    of a repeated option wins. None for anything else (help, a positional, `--`, an
+    unknown option, a missing value, a value that looks like an option): typer decides."""
+    got: dict[str, str | bool] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        name, eq, value = arg.partition("=") if arg.startswith("--") else (arg, "", "")
+        if name not in OPTIONS and arg[:2] in OPTIONS and not arg.startswith("--"):
+            name, eq, value = arg[:2], "=", arg[2:]  # -fjson
+        if name not in OPTIONS:
+            return None
+        param, takes_value = OPTIONS[name]
+        if not takes_value:
+            if eq:
+                return None  # --mig=yes: click refuses, typer says so
+            got[param] = True
+            continue
+        if not eq:
+            if i == len(argv) or (argv[i].startswith("-") and argv[i] != "-"):
+                return None
+            value = argv[i]
+            i += 1
+        got[param] = value
+    return got
 
 
 def fast_main(argv: list[str]) -> int | None:
     """Run `detect` from `argv` (after the word detect); None: let typer handle it."""
-    if any(a in ("--help", "-h") for a in argv):
+    args = parse_fast(argv)
+    if args is None:
         return None
     try:
-        args, rest = fast_parser().parse_known_args(argv)
-    except SystemExit:
-        return None  # a usage error: typer prints the proper message
-    if rest or args.slots_per_gpu < 1:
+        slots = int(args.get("slots_per_gpu", 1))  # as click's INT: int() of the text
+    except ValueError:
         return None
+    if slots < 1:
+        return None  # typer names the option and its range
     try:
         run_detect(
-            args.form,
-            hyperthreads=args.hyperthreads,
-            slots_per_gpu=args.slots_per_gpu,
-            mig=args.mig,
-            sysroot=args.sysroot,
-            output=args.output,
+            str(args.get("form", "canary")),
+            hyperthreads=bool(args.get("hyperthreads", False)),
+            slots_per_gpu=slots,
+            mig=bool(args.get("mig", False)),
+            sysroot=str(args.get("sysroot", "/")),
+            output=str(args["output"]) if "output" in args else None,
         )
     except RpoolAgentError as exc:
         sys.stderr.write(f"rpool-agent: {exc}\n")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rpool_agent.detect_cmd import fast_parser
+from rpool_agent.detect_cmd import OPTIONS, parse_fast
 
 TREE = Path(__file__).resolve().parent / "trees" / "two_socket_ht"
 
@@ -19,9 +19,36 @@ def test_fast_parser_knows_exactly_the_typer_options() -> None:
     from rpool_agent.cli import app
 
     command = typer.main.get_command(app).commands["detect"]  # type: ignore[attr-defined]
-    typer_opts = {o for p in command.params for o in p.opts if o != "--help"}
-    fast_opts = {o for a in fast_parser()._actions for o in a.option_strings}
-    assert fast_opts == typer_opts
+    typer_opts = {
+        o: (p.name, not p.is_flag) for p in command.params for o in p.opts if o != "--help"
+    }
+    assert typer_opts == OPTIONS  # same names, same parameters, same flags
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], {}),
+        (["--format", "json", "--mig"], {"form": "json", "mig": True}),
+        (["--format=ctest", "-fjson"], {"form": "json"}),  # the last one wins
+        (["-o", "-", "--output=x.yaml"], {"output": "x.yaml"}),
+        (["-o-", "--slots-per-gpu=2"], {"output": "-", "slots_per_gpu": "2"}),
+        (["--format="], {"form": ""}),  # as click: an empty value, refused later
+        (["--help"], None),
+        (["-h"], None),
+        (["--mig=yes"], None),
+        (["--format"], None),
+        (["--sysroot", "--mig"], None),
+        (["--hyper"], None),  # click does not complete abbreviations (argparse did)
+        (["--", "--mig"], None),
+        (["extra"], None),
+        ([""], None),
+    ],
+)
+def test_parse_fast_reads_as_click_or_gives_up(
+    argv: list[str], expected: dict[str, object] | None
+) -> None:
+    assert parse_fast(argv) == expected
 
 
 def run(args: list[str], *, fast: bool) -> subprocess.CompletedProcess[str]:
@@ -41,17 +68,18 @@ def run(args: list[str], *, fast: bool) -> subprocess.CompletedProcess[str]:
         ["--sysroot", str(TREE), "-f", "canary-nodes", "--slots-per-gpu", "2"],
         ["--sysroot", str(TREE), "--format", "xml"],
         ["--sysroot", "/nonexistent"],
+        [f"--sysroot={TREE}", "-fjson", "--slots-per-gpu=3"],
+        ["--sysroot", str(TREE), "--slots-per-gpu", "0"],
+        ["--sysroot", str(TREE), "--mig=yes"],
+        ["--sysroot", str(TREE), "--hyper"],
     ],
 )
 def test_fast_path_matches_typer(args: list[str]) -> None:
     fast, slow = run(args, fast=True), run(args, fast=False)
-    assert (fast.returncode, fast.stdout, fast.stderr) == (
-        slow.returncode,
-        slow.stdout,
-        slow.stderr,
-    )
+    slow_err = slow.stderr.replace("python -m rpool_agent.cli", "rpool-agent")  # usage lines
+    assert (fast.returncode, fast.stdout, fast.stderr) == (slow.returncode, slow.stdout, slow_err)
     assert "Traceback" not in fast.stderr
-    ok = "xml" not in args and "/nonexistent" not in args
+    ok = not {"xml", "/nonexistent", "0", "--mig=yes", "--hyper"} & set(args)
     assert (fast.returncode == 0) == ok
     assert ("cpus" in fast.stdout) == ok
 
