@@ -376,10 +376,14 @@ def _probe_nvml(root: Root) -> tuple[GpuReport | None, str | None]:
     """(report, None) when NVML answered, else (None, why not)."""
     # pynvml's own first step, done by hand: importing pynvml costs 10-50 ms, dlopen
     # failing costs well under one, and most nodes a CI pool runs on have no NVIDIA driver.
-    import ctypes
-
+    # `ctypes.CDLL(LIBRARY)` is this call of `_ctypes.dlopen` plus ~2 ms of importing ctypes.
     try:
-        ctypes.CDLL(LIBRARY)
+        from _ctypes import RTLD_LOCAL, dlopen
+    except ImportError:  # an interpreter without CPython's _ctypes
+        from ctypes import CDLL as dlopen  # type: ignore[assignment]
+        from ctypes import RTLD_LOCAL
+    try:
+        dlopen(LIBRARY, RTLD_LOCAL)
     except OSError as err:
         return None, f"no NVIDIA GPUs: cannot load NVML ({err})"
     try:
