@@ -140,6 +140,22 @@ def test_parse_document_copies_callers_data() -> None:
     )
 
 
+@pytest.mark.parametrize("form", ["canary", "canary-nodes"])
+def test_written_documents_share_nothing_with_the_pool(form: str) -> None:
+    """Writers copy nested properties (pool.copy_data, not copy.deepcopy) all the way down."""
+    pool = model()
+    odd = {(1, 2): {3}}  # not document data: copied by deepcopy, still equal
+    pool.local.resources["cpus"][2].properties["nested"] = [{"a": [1]}, odd]
+    pool.additional_properties["site"] = {"room": ["b"]}
+    doc, _ = formats.to_document(pool, form)
+    pool.local.resources["cpus"][2].properties["nested"][0]["a"].append(2)
+    pool.local.resources["cpus"][2].properties["nested"][1][(1, 2)].add(4)
+    pool.additional_properties["site"]["room"].append("c")
+    again = formats.parse_document(doc, format=form)
+    assert again.local.instance("cpus", "2").properties["nested"] == [{"a": [1]}, {(1, 2): {3}}]
+    assert again.additional_properties["site"] == {"room": ["b"]}
+
+
 # --- accepted shapes -------------------------------------------------------------------
 
 

@@ -14,11 +14,10 @@ the same without the `resource_pool:` wrapper, and shorthand counts (`{cpus: 8}`
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 
 from ..errors import PoolFormatError
-from ..pool import Instance, Node, Pool
+from ..pool import Instance, Node, Pool, copy_data
 from .validate import Problems, at, read_resources
 
 TYPE_CHECKING = False  # not typing's: `detect` does not import typing (see probes/record.py)
@@ -100,7 +99,7 @@ def write(pool: Pool) -> tuple[dict[str, Any], list[str]]:
             f"the flat canary form holds one node, this pool has {len(pool.nodes)} "
             "(write canary-nodes instead)"
         )
-    ap = copy.deepcopy(pool.additional_properties)
+    ap = copy_data(pool.additional_properties)
     for key in RESERVED:
         if key in ap:
             raise PoolFormatError(
@@ -113,11 +112,11 @@ def write(pool: Pool) -> tuple[dict[str, Any], list[str]]:
         if node.id != DEFAULT_NODE:
             ap[HOST] = node.id
         if node.additional_properties:
-            ap[NODE_PROPERTIES] = copy.deepcopy(node.additional_properties)
+            ap[NODE_PROPERTIES] = copy_data(node.additional_properties)
         props: dict[str, dict[str, Any]] = {}
         for rtype, instances in node.resources.items():
             resources[rtype] = [inst.to_seed() for inst in instances]
-            described = {i.id: copy.deepcopy(i.properties) for i in instances if i.properties}
+            described = {i.id: copy_data(i.properties) for i in instances if i.properties}
             if described:
                 props[rtype] = described
         if props:

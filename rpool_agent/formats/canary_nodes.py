@@ -16,10 +16,9 @@ no field for `allow_multinode`; it rides in the pool's additional_properties.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 
-from ..pool import Instance, Node, Pool
+from ..pool import Instance, Node, Pool, copy_data
 from .validate import Problems, at, kind, read_resources
 
 TYPE_CHECKING = False  # not typing's: `detect` does not import typing (see probes/record.py)
@@ -109,7 +108,7 @@ def _read_node(problems: Problems, doc: Any, where: str) -> Node | None:
 
 def _instance(rtype: str, inst: Instance) -> dict[str, Any]:
     doc: dict[str, Any] = {"id": inst.id, "slots": inst.slots}
-    props = copy.deepcopy(inst.properties)
+    props = copy_data(inst.properties)
     if rtype == "gpus" and "uuid" in props and "vendor" not in props:
         props["vendor"] = "NVIDIA"  # what canary's own detection writes for an NVIDIA GPU
     if props:
@@ -119,7 +118,7 @@ def _instance(rtype: str, inst: Instance) -> dict[str, Any]:
 
 
 def write(pool: Pool) -> tuple[dict[str, Any], list[str]]:
-    ap = copy.deepcopy(pool.additional_properties)
+    ap = copy_data(pool.additional_properties)
     out: dict[str, Any] = {}
     if ALLOW_MULTINODE in ap:
         out[ALLOW_MULTINODE] = ap.pop(ALLOW_MULTINODE)
@@ -128,7 +127,7 @@ def write(pool: Pool) -> tuple[dict[str, Any], list[str]]:
     for node in pool.nodes:
         node_doc: dict[str, Any] = {"id": node.id}
         if node.additional_properties:
-            node_doc["additional_properties"] = copy.deepcopy(node.additional_properties)
+            node_doc["additional_properties"] = copy_data(node.additional_properties)
         node_doc["resources"] = {
             rtype: [_instance(rtype, inst) for inst in instances]
             for rtype, instances in node.resources.items()
