@@ -485,5 +485,5 @@ def probe_gpus(root: Root | str = "/", *, nvml: bool | None = None) -> GpuReport
             )
         return GpuReport(gpus, driver, None, "procfs", why)
     if why is None:
-        why = f"no NVIDIA GPUs: no {PROC_GPUS}/*/information under {root.path}"
+        why = f"no NVIDIA GPUs: no {PROC_GPUS}/*/information under {root}"
     return GpuReport((), driver, None, "none", why)

@@ -33,13 +33,21 @@ class Root:
     def __init__(self, path: str | os.PathLike[str] = "/") -> None:
         #: The root as a string, as given ("." for ""; `Path` would say the same).
         self.dir: str = os.fspath(path) or "."
-        self._base = self.dir.rstrip("/") + "/"  # "/" for the live root
+        self._base = self.dir if self.dir.endswith("/") else self.dir + "/"
 
     @property
     def path(self) -> Path:
         from pathlib import Path
 
         return Path(self.dir)
+
+    def __str__(self) -> str:
+        """The root as `str(root.path)` writes it (`a//b/./` -> `a/b`), without pathlib."""
+        rel = self.dir.lstrip("/")
+        slashes = len(self.dir) - len(rel)
+        lead = "//" if slashes == 2 else "/" if slashes else ""  # POSIX keeps exactly two
+        parts = [p for p in rel.split("/") if p and p != "."]
+        return lead + "/".join(parts) if lead or parts else "."
 
     @property
     def is_live(self) -> bool:
@@ -108,7 +116,7 @@ class Root:
             return []
 
     def __repr__(self) -> str:
-        return f"Root({str(self.path)!r})"
+        return f"Root({str(self)!r})"
 
 
 def _parsed(text: str | None, parse: Callable[[str], list[int]]) -> list[int] | None:

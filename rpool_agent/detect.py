@@ -108,7 +108,7 @@ def _root(root: str | os.PathLike[str] | Root) -> Root:
 
     r = root if isinstance(root, Root) else Root(root)
     if not os.path.isdir(r.dir):
-        raise ProbeError(f"system root {str(r.path)!r} is not a directory")
+        raise ProbeError(f"system root {str(r)!r} is not a directory")
     return r
 
 
@@ -118,10 +118,10 @@ def _probe_cpu_numa(r: Root) -> tuple[CpuTopology, NumaTopology]:
 
     cpu = probe_cpus(r)
     if not cpu.online:
-        raise ProbeError(f"no CPUs found under {r.path} (not a /sys + /proc tree?)")
+        raise ProbeError(f"no CPUs found under {r} (not a /sys + /proc tree?)")
     if not cpu.usable:
         where = f" (cpuset {cpu.cpuset.file})" if cpu.cpuset else ""
-        raise ProbeError(f"none of the online CPUs under {r.path} is usable{where}")
+        raise ProbeError(f"none of the online CPUs under {r} is usable{where}")
     return cpu, probe_numa(r, cpu.online)
 
 
@@ -196,4 +196,3 @@ def _numa_summary(
             entry["memory_bytes"] = node.memory_bytes
         out[str(node.id)] = entry
     return out
-

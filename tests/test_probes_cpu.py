@@ -152,6 +152,23 @@ def test_mount_table_unescapes_paths(tmp_path: Path) -> None:
     assert (m.mountpoint, m.root, m.fstype) == ("/mnt/with space", "/a b", "cgroup2")
 
 
+@pytest.mark.parametrize(
+    "given", ["/", "//", "///x//", "/.", "/proc/..", ".", "", "./a/./b/", "a//b", "//a/."]
+)
+def test_root_joins_strings_as_pathlib_would(given: str, tmp_path: Path) -> None:
+    """Root keeps strings (no pathlib on the detect path) but says what Path would."""
+    r = Root(given)
+    assert str(r) == str(r.path) == str(Path(given))
+    assert repr(r) == f"Root({str(Path(given))!r})"
+    assert r.is_live == (Path(given).resolve() == Path("/"))
+    assert Path(r.file("sys/x")) == r.join("sys/x") == Path(given) / "sys/x"
+    inside = Root(tmp_path / "tree/")
+    (tmp_path / "tree/sys").mkdir(parents=True)
+    (tmp_path / "tree/sys/online").write_text("0-1\n")
+    assert inside.read("/sys/online") == "0-1" and inside.exists("sys/online")
+    assert inside.listdir("sys") == ["online"] and inside.glob("sys/*") == ["/sys/online"]
+
+
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux only")
 def test_live_usable_is_affinity() -> None:
     t = cpu.probe_cpus("/")
