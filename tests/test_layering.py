@@ -126,3 +126,66 @@ def test_detect_path_loads_no_server_and_no_yaml() -> None:
         assert heavy not in mods, heavy
     if not Path("/proc/driver/nvidia").exists():  # no NVIDIA driver: no pynvml either
         assert "pynvml" not in mods
+
+
+#: What the `detect` command never imports: together they cost more than the command's
+#: whole budget of 6x hwloc's lstopo (docs/detect.md, Speed).
+DETECT_NEVER = (
+    "typer",  # the fast path parses by hand (detect_cmd.parse_fast)
+    "click",
+    "argparse",  # with gettext, locale and shutil
+    "dataclasses",  # imports inspect: probes/record.py instead
+    "inspect",
+    "typing",  # TYPE_CHECKING = False
+    "pathlib",  # Root joins strings
+    "shutil",
+    "glob",
+    "copy",  # pool.copy_data
+    "ctypes",  # the NVML check calls _ctypes.dlopen
+    "yaml",  # yaml_emit writes
+    "asyncio",
+    "rpool_agent.server",
+    "psutil",
+    "cpuinfo",
+)
+
+# Records every import statement run while `main` runs, of modules already loaded too:
+# this interpreter's site hooks (an editable install's finder) load typing and pathlib
+# before any of our code, and a clean install does not.
+_SPY = """
+import builtins, json, sys
+seen, real, before = set(), builtins.__import__, set(sys.modules)
+def spy(name, globals=None, locals=None, fromlist=(), level=0):
+    if level == 0:
+        seen.add(name)
+    return real(name, globals, locals, fromlist, level)
+sys.argv = {argv!r}
+builtins.__import__ = spy
+try:
+    from rpool_agent.entry import main
+    main()
+except SystemExit as e:
+    assert not e.code, e.code
+builtins.__import__ = real
+print(json.dumps(sorted(seen | (set(sys.modules) - before))))
+"""
+
+
+@pytest.mark.parametrize("form", ["canary", "canary-nodes", "ctest", "json"])
+def test_detect_command_imports_none_of_the_slow_modules(
+    trees: Path, tmp_path: Path, form: str
+) -> None:
+    argv = ["rpool-agent", "detect", "-f", form, "-o", str(tmp_path / "out")]
+    tree = [*argv, "--sysroot", str(trees / "two_socket_ht")]
+    for args in (tree, argv):  # a recorded tree never tries NVML; the live root does
+        out = subprocess.run(
+            [sys.executable, "-c", _SPY.format(argv=args)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        imported = set(json.loads(out.splitlines()[-1]))
+        assert (tmp_path / "out").stat().st_size > 0
+        if args is argv and "pynvml" in imported:
+            continue  # NVML answered here: pynvml brings ctypes and more, rightly
+        assert not set(DETECT_NEVER) & imported, set(DETECT_NEVER) & imported
