@@ -110,7 +110,7 @@ class Connection(asyncio.BufferedProtocol):
         # 1) bytes into the codec
         too_large: MessageTooLarge | None = None
         try:
-            frames = self.decoder.feed(bytes(self._buffer[:nbytes]))
+            frames = self.decoder.feed(self._buffer[:nbytes])  # a bytearray: one copy
         except MessageTooLarge as exc:  # the frames before it are answered, then we close
             frames, too_large = getattr(exc, "frames", []), exc
         # 2) + 3) each frame to the core, events out to their connections
@@ -149,6 +149,14 @@ class Connection(asyncio.BufferedProtocol):
             if state is not None and state.pending:
                 state.flush()  # what a client is told is never ahead of the state file
             self.transport.write(protocol.encode(message))
+
+    def send_bytes(self, data: bytes) -> None:
+        """`send` for a frame already encoded (the hot replies)."""
+        if self.transport is not None and not self.transport.is_closing():
+            state = self.server.state
+            if state is not None and state.pending:
+                state.flush()  # what a client is told is never ahead of the state file
+            self.transport.write(data)
 
     def close(self) -> None:
         if self.transport is not None:
@@ -503,18 +511,39 @@ class Server:
                 self.dispatch(self.allocator.disconnect(lease.owner))
                 return
             asyncio.get_running_loop().add_reader(extras.pidfd, self._holder_exited, lease.owner)
-        doc = self.lease_document(lease, with_token=True)
         self._log(
-            f"grant {lease.id} {_fmt_resources(doc['resources'])} pid={holder.pid} "
+            f"grant {lease.id} {_fmt_held(lease.held)} pid={holder.pid} "
             f"uid={holder.uid}" + (f" label={lease.label!r}" if lease.label else "")
         )
         if ev.req_id in self._want_files:
             self._want_files.discard(ev.req_id)
+            doc = self.lease_document(lease, with_token=True)
             extras.files = self._write_files(lease, doc, holder)
             doc["files"] = dataclasses.asdict(extras.files)
+            self._changed(lease.id)
+            if conn is not None:
+                conn.send(protocol.ok(ev.req_id[1], doc))
+            return
         self._changed(lease.id)
         if conn is not None:
-            conn.send(protocol.ok(ev.req_id[1], doc))
+            conn.send_bytes(self._grant_reply(ev.req_id[1], lease, token))
+
+    def _grant_reply(self, rid: Any, lease: Lease, token: str) -> bytes:
+        """`encode(ok(rid, lease_document(lease, with_token=True)))`, built from pre-encoded
+        pieces (the hot reply; tests/test_server.py checks it byte for byte)."""
+        text = (
+            f'{{"id":{protocol.json_value(rid)},"ok":true,"result":{{"id":'
+            f'{protocol.json_str(lease.id)},"label":{protocol.opt_str_json(lease.label)},'
+            f'"resources":{protocol.held_json(lease.held)},'
+            f'"groups":{protocol.slice_groups_json(lease.groups, as_objects=True)},'
+            f'"request":{protocol.wire_json(lease.request)},'
+            f'"properties":{protocol.json_value(self._properties(lease))},'
+            f'"holder":{protocol.json_value(lease.holder)},"token":{protocol.json_str(token)}}}}}\n'
+        )
+        try:
+            return text.encode()
+        except UnicodeEncodeError:  # a lone surrogate in a label or token: encode() escapes it
+            return protocol.encode(protocol.ok(rid, self.lease_document(lease, with_token=True)))
 
     def _write_files(self, lease: Lease, doc: dict[str, Any], holder: Holder) -> Any:
         """Per-lease pool files, readable by the holder alone, removed when the lease ends."""
@@ -551,30 +580,34 @@ class Server:
 
     def lease_document(self, lease: Lease, *, with_token: bool) -> dict[str, Any]:
         """The lease as a client sees it: ids, slots, groups and each instance's properties."""
-        resources = lease.resources()
-        props: dict[str, dict[str, Any]] = {}
-        node = self.pool.nodes[0] if self.pool.nodes else None
-        for rtype, items in resources.items():
-            for item in items:
-                inst = node.instance(rtype, item["id"]) if node else None
-                if inst is not None and inst.properties:
-                    props.setdefault(rtype, {})[item["id"]] = inst.properties
         extras = self.extras.get(lease.id)
         doc: dict[str, Any] = {
             "id": lease.id,
             "label": lease.label,
-            "resources": resources,
+            "resources": lease.resources(),
             "groups": [
                 [{"type": s.type, "id": s.id, "slots": s.slots} for s in group]
                 for group in lease.groups
             ],
             "request": lease.request.to_wire(),
-            "properties": props,
+            "properties": self._properties(lease),
             "holder": dict(lease.holder),
         }
         if with_token and extras is not None:
             doc["token"] = extras.token
         return doc
+
+    def _properties(self, lease: Lease) -> dict[str, dict[str, Any]]:
+        """{type: {id: properties}} of the leased instances that have any."""
+        props: dict[str, dict[str, Any]] = {}
+        node = self.pool.nodes[0] if self.pool.nodes else None
+        if node is None:
+            return props
+        for s in lease.held:
+            inst = node.instance(s.type, s.id)
+            if inst is not None and inst.properties:
+                props.setdefault(s.type, {})[s.id] = inst.properties
+        return props
 
     # --- timers, status -------------------------------------------------------------------
 
@@ -765,11 +798,15 @@ def _resource_arg(value: Any) -> tuple[str, str]:
     return rtype, rid
 
 
-def _fmt_resources(resources: dict[str, list[dict[str, Any]]]) -> str:
-    return " ".join(
-        f"{t}:" + ",".join(f"{r['id']}" + (f"x{r['slots']}" if r["slots"] != 1 else "") for r in rs)
-        for t, rs in resources.items()
-    )
+def _fmt_held(held: tuple[Any, ...]) -> str:
+    """`cpus:0,1 gpus:3x2` for the log: slots per id, grouped by type."""
+    if len(held) == 1:
+        s = held[0]
+        return f"{s.type}:{s.id}" + (f"x{s.slots}" if s.slots != 1 else "")
+    by_type: dict[str, list[str]] = {}
+    for s in held:
+        by_type.setdefault(s.type, []).append(f"{s.id}" + (f"x{s.slots}" if s.slots != 1 else ""))
+    return " ".join(f"{t}:" + ",".join(ids) for t, ids in by_type.items())
 
 
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13; Python lacks the name

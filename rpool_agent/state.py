@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, RpoolAgentError
+from .protocol import held_json, json_str, opt_str_json, slice_groups_json, wire_json
 
 FORMAT = "rpool-agent-state"
 VERSION = 1
@@ -141,6 +142,31 @@ def lease_record(lease: Any, extras: Any) -> dict[str, Any]:
     if extras.files is not None:
         rec["files"] = asdict(extras.files)
     return rec
+
+
+def grant_line(lease: Any, extras: Any) -> str:
+    """`_encode({"grant": lease_record(lease, extras)})`, built from pre-encoded pieces: one
+    is written per grant (tests/test_state.py checks it byte for byte)."""
+    h = extras.holder
+    start = h.starttime
+    owner = lease.owner
+    if (
+        extras.files is not None
+        or type(lease.granted_at) is not float
+        or not (start is None or type(start) is int)
+        or not all(type(x) is str or type(x) is int for x in owner)
+    ):
+        return _encode({"grant": lease_record(lease, extras)})
+    owner_json = ",".join(json_str(x) if type(x) is str else str(x) for x in owner)
+    return (
+        f'{{"grant":{{"id":{json_str(lease.id)},"owner":[{owner_json}],'
+        f'"request":{wire_json(lease.request)},'
+        f'"groups":{slice_groups_json(lease.groups, as_objects=False)},'
+        f'"resources":{held_json(lease.held)},"label":{opt_str_json(lease.label)},'
+        f'"holder":{{"pid":{int(h.pid)},"uid":{int(h.uid)},"gid":{int(h.gid)},'
+        f'"starttime":{"null" if start is None else start}}},'
+        f'"granted_at":{lease.granted_at!r},"token":{json_str(extras.token)}}}}}'
+    )
 
 
 # --- the store ----------------------------------------------------------------------------
@@ -289,7 +315,7 @@ class StateStore:
         lease = server.allocator.leases.get(lease_id)
         extras = server.extras.get(lease_id)
         if lease is not None and extras is not None:
-            self.pending.append(_encode({"grant": lease_record(lease, extras)}))
+            self.pending.append(grant_line(lease, extras))
         else:
             self.pending.append('{"end":' + _encode(lease_id) + "}")
             if self._by_token:
