@@ -11,6 +11,7 @@ reply, never hit an internal error, never die, and hold nothing once everyone is
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import socket
@@ -257,16 +258,23 @@ def session(path: str, payload: bytes, ending: str) -> list[dict[str, Any]]:
     try:
         if ending == "half":  # stop in the middle of a frame
             payload += b'{"id":99,"op":"acq'
-        s.sendall(payload)
+        try:
+            s.sendall(payload)
+        except (BrokenPipeError, ConnectionResetError):
+            # The agent closed first (a frame over the limit) while we still sent: what
+            # it sent before is still queued for us, and still counts.
+            if ending != "read":
+                return []
         if ending == "reset":  # RST instead of FIN
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         if ending != "read":
             return []
-        s.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(OSError):
+            s.shutdown(socket.SHUT_WR)
         while chunk := s.recv(1 << 16):
             data += chunk
-    except (BrokenPipeError, ConnectionResetError):
-        pass  # the agent closed first (a frame over the limit): what it sent still counts
+    except ConnectionResetError:
+        pass  # the queued replies were read; the reset came after them
     finally:
         s.close()
     assert data.endswith(b"\n") or not data
