@@ -272,5 +272,31 @@ _SLICE_OBJECT = '{{"type":{},"id":{},"slots":{}}}'
 _SLICE_LIST = "[{},{},{}]"
 
 
+def id_json(rid: Any) -> str:
+    """A call id (`parse_call` let through None, an int or a short str) as JSON."""
+    kind = type(rid)
+    if kind is int:
+        return str(rid)
+    if kind is str:
+        return json_str(rid)
+    return json_value(rid)
+
+
+def flat_json(d: Any) -> str:
+    """A flat dict of str keys to str/int/None values (a holder), as `encode` writes it."""
+    parts = []
+    for k, v in d.items():
+        kind = type(v)
+        if type(k) is not str or not (kind is int or kind is str or v is None):
+            return json_value(d)
+        parts.append(f"{json_str(k)}:{json_str(v) if kind is str else 'null' if v is None else v}")
+    return "{" + ",".join(parts) + "}"
+
+
+def ok_json(rid: Any, result_json: str) -> bytes:
+    """`encode(ok(rid, result))` for a result already in JSON (ASCII or valid UTF-8)."""
+    return f'{{"id":{id_json(rid)},"ok":true,"result":{result_json}}}\n'.encode()
+
+
 def opt_str_json(value: str | None) -> str:
     return "null" if value is None else json_str(value)

@@ -390,7 +390,11 @@ class Server:
             raise UnknownLease(f"no lease {lease_id[:40]!r}")
         self._check_may_touch(conn, lease)
         self.dispatch(self.allocator.release(lease.owner, lease_id))
-        return {"released": lease_id}
+        if not lease_id.isascii():  # a restored lease's id can be anything
+            return {"released": lease_id}
+        # The hot reply, pre-encoded: `{"released": lease_id}`.
+        conn.send_bytes(protocol.ok_json(call.id, f'{{"released":{protocol.json_str(lease_id)}}}'))
+        return _DEFERRED
 
     def _check_may_touch(self, conn: Connection, lease: Lease) -> None:
         peer = conn.peer or Holder(-1, -1, -1)
@@ -541,15 +545,16 @@ class Server:
 
     def _grant_reply(self, rid: Any, lease: Lease, token: str) -> bytes:
         """`encode(ok(rid, lease_document(lease, with_token=True)))`, built from pre-encoded
-        pieces (the hot reply; tests/test_server.py checks it byte for byte)."""
+        pieces (the hot reply; tests/test_lease_json.py checks it byte for byte)."""
+        props = self._properties(lease)
         text = (
-            f'{{"id":{protocol.json_value(rid)},"ok":true,"result":{{"id":'
+            f'{{"id":{protocol.id_json(rid)},"ok":true,"result":{{"id":'
             f'{protocol.json_str(lease.id)},"label":{protocol.opt_str_json(lease.label)},'
             f'"resources":{protocol.held_json(lease.held)},'
             f'"groups":{protocol.slice_groups_json(lease.groups, as_objects=True)},'
             f'"request":{protocol.wire_json(lease.request)},'
-            f'"properties":{protocol.json_value(self._properties(lease))},'
-            f'"holder":{protocol.json_value(lease.holder)},"token":{protocol.json_str(token)}}}}}\n'
+            f'"properties":{protocol.json_value(props) if props else "{}"},'
+            f'"holder":{protocol.flat_json(lease.holder)},"token":{protocol.json_str(token)}}}}}\n'
         )
         try:
             return text.encode()

@@ -146,7 +146,7 @@ def lease_record(lease: Any, extras: Any) -> dict[str, Any]:
 
 def grant_line(lease: Any, extras: Any) -> str:
     """`_encode({"grant": lease_record(lease, extras)})`, built from pre-encoded pieces: one
-    is written per grant (tests/test_state.py checks it byte for byte)."""
+    is written per grant (tests/test_lease_json.py checks it byte for byte)."""
     h = extras.holder
     start = h.starttime
     owner = lease.owner
@@ -317,7 +317,7 @@ class StateStore:
         if lease is not None and extras is not None:
             self.pending.append(grant_line(lease, extras))
         else:
-            self.pending.append('{"end":' + _encode(lease_id) + "}")
+            self.pending.append('{"end":' + json_str(lease_id) + "}")
             if self._by_token:
                 self._by_token = {t: i for t, i in self._by_token.items() if i != lease_id}
         server.at_turn_end(self._end_of_turn)

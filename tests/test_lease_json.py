@@ -83,3 +83,20 @@ def test_a_lone_surrogate_in_a_label_falls_back_to_escaping(tmp_path: Any) -> No
     reply = server._grant_reply(3, lease, "t" * 32)
     assert b"\\ud800" in reply
     assert json.loads(reply)["result"]["label"] == "bad \ud800"
+
+
+@pytest.mark.parametrize("rid", [None, 0, -5, 10**40, "", "r-1", 'q"é\u2603\n'])
+@pytest.mark.parametrize(
+    "result",
+    [
+        {"released": "ab12-3f"},
+        {"pid": 1, "uid": 0, "gid": 0, "starttime": None},
+        {"pid": 1, "name": 'x"é', "n": -3},
+        {"nested": {"a": 1}, "f": 1.5, "b": True},  # not flat: the generic encoder
+    ],
+)
+def test_small_reply_builders_equal_encode(rid: Any, result: dict[str, Any]) -> None:
+    assert protocol.id_json(rid) == protocol.json_value(rid)
+    assert protocol.flat_json(result) == protocol.json_value(result)
+    expected = protocol.encode(protocol.ok(rid, result))
+    assert protocol.ok_json(rid, protocol.flat_json(result)) == expected
