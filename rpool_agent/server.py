@@ -79,6 +79,7 @@ class Connection(asyncio.BufferedProtocol):
     greeted: bool = False
     pending: set[Any] = field(default_factory=set)  # allocator request keys still queued
     _buffer: bytearray = field(default_factory=lambda: bytearray(65536))
+    _view: memoryview | None = None  # of _buffer, made once
     _handshake_timer: asyncio.TimerHandle | None = None
 
     @property
@@ -104,7 +105,10 @@ class Connection(asyncio.BufferedProtocol):
         )
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return memoryview(self._buffer)
+        view = self._view
+        if view is None:
+            view = self._view = memoryview(self._buffer)
+        return view
 
     def buffer_updated(self, nbytes: int) -> None:
         server = self.server
@@ -513,7 +517,8 @@ class Server:
         if conn is not None:
             conn.pending.discard(ev.req_id)
         holder = Holder.from_dict(lease.holder)
-        token = self._tokens.pop(ev.req_id, None) or secrets.token_hex(16)
+        # What secrets.token_hex(16) returns, without its two Python calls.
+        token = self._tokens.pop(ev.req_id, None) or os.urandom(16).hex()
         extras = LeaseExtras(token=token, holder=holder)
         self.extras[lease.id] = extras
         if lease.owner[0] == "pid":
