@@ -729,6 +729,7 @@ class Allocator:
         self._tables = _build_tables(pool)
         self._known: tuple[str, ...] = tuple(self._tables)
         self._leases: dict[str, Lease] = {}
+        self._leases_view = MappingProxyType(self._leases)  # made once: read on every call
         self._owner_leases: dict[OwnerKey, dict[str, None]] = {}
         self._queue: dict[int, _Waiter] = {}
         self._waiter_seq: dict[tuple[OwnerKey, Any], int] = {}
@@ -747,7 +748,7 @@ class Allocator:
 
     @property
     def leases(self) -> Mapping[str, Lease]:
-        return MappingProxyType(self._leases)
+        return self._leases_view
 
     @property
     def pool(self) -> Pool:
