@@ -26,18 +26,12 @@ class Core(Frozen):
     package: int  # index into CpuTopology.packages
     core_id: int | None  # topology/core_id as the kernel says; NOT unique across dies
 
-    def __init__(self, cpus: tuple[int, ...], package: int, core_id: int | None) -> None:
-        self.__dict__.update(cpus=cpus, package=package, core_id=core_id)
-
 
 class Package(Frozen):
     """One socket: its online CPUs, ascending."""
 
     cpus: tuple[int, ...]
     physical_id: int | None  # physical_package_id; None where the kernel says -1
-
-    def __init__(self, cpus: tuple[int, ...], physical_id: int | None) -> None:
-        self.__dict__.update(cpus=cpus, physical_id=physical_id)
 
 
 class Cpuset(Frozen):
@@ -46,9 +40,6 @@ class Cpuset(Frozen):
     cpus: tuple[int, ...]
     file: str  # path under the root, e.g. "/sys/fs/cgroup/ci.slice/cpuset.cpus.effective"
     version: int  # cgroup version: 1 or 2
-
-    def __init__(self, cpus: tuple[int, ...], file: str, version: int) -> None:
-        self.__dict__.update(cpus=cpus, file=file, version=version)
 
 
 class CpuTopology(Frozen):
@@ -66,36 +57,6 @@ class CpuTopology(Frozen):
     model_name: str | None
     vendor: str | None
     core_source: str  # which file gave the sibling sets ("core_cpus_list", ... "cpuinfo")
-
-    def __init__(
-        self,
-        online: tuple[int, ...],
-        offline: tuple[int, ...],
-        possible: tuple[int, ...],
-        present: tuple[int, ...],
-        cores: tuple[Core, ...],
-        packages: tuple[Package, ...],
-        usable: tuple[int, ...],
-        affinity: tuple[int, ...] | None,
-        cpuset: Cpuset | None,
-        model_name: str | None,
-        vendor: str | None,
-        core_source: str,
-    ) -> None:
-        self.__dict__.update(
-            online=online,
-            offline=offline,
-            possible=possible,
-            present=present,
-            cores=cores,
-            packages=packages,
-            usable=usable,
-            affinity=affinity,
-            cpuset=cpuset,
-            model_name=model_name,
-            vendor=vendor,
-            core_source=core_source,
-        )
 
     def usable_cores(self) -> list[tuple[int, ...]]:
         """Each core's usable threads, for cores with at least one, by lowest usable CPU."""

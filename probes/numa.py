@@ -19,22 +19,10 @@ class NumaNode(Frozen):
     memory_bytes: int | None  # MemTotal; 0 for a CPU-only node, None if unreadable
     distances: tuple[int, ...] | None  # to each node of NumaTopology.nodes, in that order
 
-    def __init__(
-        self,
-        id: int,
-        cpus: tuple[int, ...],
-        memory_bytes: int | None,
-        distances: tuple[int, ...] | None,
-    ) -> None:
-        self.__dict__.update(id=id, cpus=cpus, memory_bytes=memory_bytes, distances=distances)
-
 
 class NumaTopology(Frozen):
     nodes: tuple[NumaNode, ...]  # by node id
     source: str  # "sysfs", or "none" when the single node 0 was made up
-
-    def __init__(self, nodes: tuple[NumaNode, ...], source: str) -> None:
-        self.__dict__.update(nodes=nodes, source=source)
 
     def node_of(self, cpu: int) -> int | None:
         """The node holding `cpu` (the lowest, if a buggy firmware lists it twice)."""

@@ -57,24 +57,6 @@ class MigDevice(Frozen):
     gpu_instance_id: int | None
     compute_instance_id: int | None
 
-    def __init__(
-        self,
-        index: int,
-        uuid: str,
-        name: str | None,
-        memory_bytes: int | None,
-        gpu_instance_id: int | None,
-        compute_instance_id: int | None,
-    ) -> None:
-        self.__dict__.update(
-            index=index,
-            uuid=uuid,
-            name=name,
-            memory_bytes=memory_bytes,
-            gpu_instance_id=gpu_instance_id,
-            compute_instance_id=compute_instance_id,
-        )
-
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)
 
@@ -94,34 +76,6 @@ class Gpu(Frozen):
     mig_enabled: bool | None
     mig_devices: tuple[MigDevice, ...]
 
-    def __init__(
-        self,
-        index: int,
-        uuid: str,
-        name: str | None,
-        memory_bytes: int | None,
-        pci_bus_id: str | None,
-        minor_number: int | None,
-        numa_node: int | None,
-        cpu_affinity: tuple[int, ...] | None,
-        compute_capability: str | None,
-        mig_enabled: bool | None,
-        mig_devices: tuple[MigDevice, ...],
-    ) -> None:
-        self.__dict__.update(
-            index=index,
-            uuid=uuid,
-            name=name,
-            memory_bytes=memory_bytes,
-            pci_bus_id=pci_bus_id,
-            minor_number=minor_number,
-            numa_node=numa_node,
-            cpu_affinity=cpu_affinity,
-            compute_capability=compute_capability,
-            mig_enabled=mig_enabled,
-            mig_devices=mig_devices,
-        )
-
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)
 
@@ -132,22 +86,6 @@ class GpuReport(Frozen):
     cuda_driver_version: str | None  # "12.4"
     source: str  # "nvml" | "procfs" | "none"
     problem: str | None  # one line for stderr: why no GPUs, or why the reading is partial
-
-    def __init__(
-        self,
-        gpus: tuple[Gpu, ...],
-        driver_version: str | None,
-        cuda_driver_version: str | None,
-        source: str,
-        problem: str | None,
-    ) -> None:
-        self.__dict__.update(
-            gpus=gpus,
-            driver_version=driver_version,
-            cuda_driver_version=cuda_driver_version,
-            source=source,
-            problem=problem,
-        )
 
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)

@@ -134,12 +134,7 @@ class Mount(Frozen):
     mountpoint: str
     fstype: str
     options: frozenset[str]  # mount and super-block options together ("cpuset", "rw"...)
-    root: str  # the part of the filesystem mounted there (a cgroup path for cgroupfs)
-
-    def __init__(
-        self, mountpoint: str, fstype: str, options: frozenset[str], root: str = "/"
-    ) -> None:
-        self.__dict__.update(mountpoint=mountpoint, fstype=fstype, options=options, root=root)
+    root: str = "/"  # the part of the filesystem mounted there (a cgroup path for cgroupfs)
 
 
 def mounts(root: Root) -> list[Mount]:

@@ -115,3 +115,35 @@ def test_copies_and_pickles() -> None:
         pool.local.resources["cpus"][0].properties
     )
     assert pickle.loads(pickle.dumps(pool)) == pool
+
+
+def test_the_shared_init_binds_like_a_dataclass_init() -> None:
+    @dataclasses.dataclass(frozen=True)
+    class Twin:
+        mountpoint: str
+        fstype: str
+        options: frozenset[str]
+        root: str = "/"
+
+    opts = frozenset({"rw"})
+    for args, kwargs in [
+        (("/sys", "sysfs", opts), {}),
+        (("/sys",), {"fstype": "sysfs", "options": opts, "root": "/x"}),
+        ((), {"root": "/x", "options": opts, "fstype": "sysfs", "mountpoint": "/sys"}),
+    ]:
+        ours, twin = Mount(*args, **kwargs), Twin(*args, **kwargs)
+        assert plain(ours) == dataclasses.asdict(twin)
+    assert Mount("/sys", "sysfs", opts).root == "/"  # the class attribute is the default
+    assert dataclasses.fields(Mount)[3].default == "/"
+    for args, kwargs, says in [
+        (("/sys",), {}, "missing required argument: 'fstype'"),
+        (("/sys", "sysfs", opts, "/", "extra"), {}, "takes 5 positional arguments"),
+        (("/sys", "sysfs", opts), {"flavour": 1}, "unexpected keyword argument 'flavour'"),
+        (("/sys", "sysfs", opts), {"mountpoint": "/x"}, "multiple values for argument"),
+    ]:
+        with pytest.raises(TypeError, match=says):
+            Mount(*args, **kwargs)
+        with pytest.raises(TypeError):
+            Twin(*args, **kwargs)
+    with pytest.raises(FrozenInstanceError):
+        Mount("/sys", "sysfs", opts).root = "/y"  # type: ignore[misc]
