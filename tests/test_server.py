@@ -228,7 +228,7 @@ def test_hostile_messages_get_errors_and_the_server_keeps_serving(
         replies = raw_exchange(agent.socket, HELLO + payload)
         assert replies[0]["ok"] is True
         assert replies[1]["ok"] is False
-        assert replies[1]["error"]["code"] in (code, "bad_request", "malformed")
+        assert replies[1]["error"]["code"] == code
         with agent.client() as c:
             assert c.acquire(gpus=4).resources["gpus"]
         assert agent.proc.poll() is None
