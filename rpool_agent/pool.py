@@ -103,14 +103,6 @@ class Pool(Record):
             additional_properties=dict(additional_properties or {}),
         )
 
-    @classmethod
-    def from_counts(cls, counts: dict[str, int], *, node_id: str = "localhost") -> Pool:
-        """`{"gpus": 2}` -> ids "0".."N-1" with one slot each (the shorthand every form takes)."""
-        return cls.single(
-            {t: [Instance(str(i), 1) for i in range(n)] for t, n in counts.items()},
-            node_id=node_id,
-        )
-
     # --- queries ----------------------------------------------------------------------
 
     @property
@@ -132,9 +124,6 @@ class Pool(Record):
     def capacity(self, rtype: str) -> int:
         """Configured slots of a type over all nodes."""
         return sum(inst.slots for _, inst in self.instances(rtype))
-
-    def is_empty(self) -> bool:
-        return not any(inst.slots for n in self.nodes for v in n.resources.values() for inst in v)
 
     def copy(self) -> Pool:
         import copy

@@ -176,3 +176,4 @@ def test_live_usable_is_affinity() -> None:
     assert t.affinity is not None
     assert len(t.cores) >= 1 and len(t.packages) >= 1
     assert set(t.usable) <= set(t.online)
+    assert cpu.usable_cpus("/") == t.usable  # the one-fact function says the same
