@@ -326,7 +326,7 @@ class StateStore:
         """Write every pending line in one `write()`; before any reply leaves."""
         if not self.pending:
             return
-        data = ("\n".join(self.pending) + "\n").encode()
+        data = _utf8_lines(self.pending)
         self._lines += len(self.pending)
         self.pending = []
         if self._fd is None:
@@ -366,7 +366,7 @@ class StateStore:
         tmp = self.path.with_name(f".{FILE_NAME}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            _write_all(fd, ("\n".join(lines) + "\n").encode())
+            _write_all(fd, _utf8_lines(lines))
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -385,6 +385,17 @@ class StateStore:
             if fd is not None:
                 os.close(fd)
         self._fd = self._lock_fd = None
+
+
+def _utf8_lines(lines: list[str]) -> bytes:
+    """JSON lines as UTF-8. A client's label or token may hold a lone surrogate, which
+    UTF-8 cannot: such a line is written \\u-escaped (the same JSON), never refused, or one
+    odd label would stop the journal and every reply behind it."""
+    try:
+        return ("\n".join(lines) + "\n").encode()
+    except UnicodeEncodeError:
+        dump = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
+        return "".join(dump(json.loads(line)) + "\n" for line in lines).encode()
 
 
 def _write_all(fd: int, data: bytes) -> None:

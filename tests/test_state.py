@@ -132,6 +132,27 @@ def test_state_is_private_and_records_every_grant_and_release(tmp_path: Path) ->
         assert (state / FILE_NAME).stat().st_mode & 0o777 == 0o600
 
 
+def test_a_label_utf8_cannot_hold_is_journaled_escaped_and_survives_a_restart(
+    tmp_path: Path,
+) -> None:
+    """JSON lets a client send a lone surrogate ("\\ud800"), which UTF-8 cannot encode.
+    It once jammed the journal: that write failed, and every reply queued behind it."""
+    odd = "odd \ud800 label"
+    with running_agent(tmp_path) as agent:
+        c = agent.client().connect()
+        lease = c.acquire(gpus=1, label=odd)
+        other = c.acquire(gpus=1, label="plain")  # the journal still takes lines
+        state = tmp_path / "agent-state" / FILE_NAME
+        assert load_records(state)[1][lease.id]["label"] == odd
+        assert b"\\ud800" in state.read_bytes()
+        assert agent.stop() == 0
+        agent.restart()  # re-adopts both, compacting the journal (the other writer)
+        labels = {le["id"]: le["label"] for le in agent.status()["leases"]}
+        assert labels == {lease.id: odd, other.id: "plain"}
+        assert load_records(state)[1][lease.id]["label"] == odd
+        c.close()
+
+
 def test_unsafe_or_shared_state_dir_is_refused_in_one_line(tmp_path: Path) -> None:
     pool = tmp_path / "pool.json"
     pool.write_text(json.dumps(gpu_pool()))
