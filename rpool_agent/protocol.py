@@ -9,9 +9,8 @@ reference for every operation and error code.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from json.encoder import encode_basestring
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import (
     MessageTooLarge,
@@ -162,9 +161,9 @@ def decode_frame(line: bytes) -> Any:
         return ProtocolError(f"malformed message: {detail[:200]}")
 
 
-@dataclass(frozen=True)
-class Call:
-    """A validated client request: `{"id": ..., "op": ..., **args}`."""
+class Call(NamedTuple):
+    """A validated client request: `{"id": ..., "op": ..., **args}`. A named tuple, not a
+    frozen dataclass: one is built per message, and a tuple is built in a third the time."""
 
     id: int | str | None
     op: str

@@ -10,9 +10,10 @@ Compaction (the journal rewritten as a snapshot: temp file, fsync, rename, fsync
 directory) is rare, and after it the file is either the old or the new one.
 
 Ordering, the one rule: nothing a client is told may be ahead of the file. The server
-records every change (`record`) before it answers, and `Connection.send` calls `flush`
-whenever records are pending, so the bytes reach the file before any reply leaves; a
-change no reply follows (a reap) is flushed at the end of the loop turn.
+records every change (`record`) before it answers; replies are queued, and at the end of
+the loop turn the journal's pending lines go out in one `write()` before any queued reply
+does (`Server._flush_outbox`; `Connection.close` flushes the same way). A change no reply
+follows (a reap) is flushed at the end of the loop turn too.
 
 File: `leases.jsonl`, one JSON object per line: a header (format, version, boot id),
 then `{"grant": RECORD}` (a lease granted, or re-bound: the last one for an id wins) and
@@ -320,6 +321,13 @@ class StateStore:
             self.pending.append('{"end":' + json_str(lease_id) + "}")
             if self._by_token:
                 self._by_token = {t: i for t, i in self._by_token.items() if i != lease_id}
+        server.at_turn_end(self._end_of_turn)
+
+    def record_line(self, server: Any, line: str) -> None:
+        """`record` for a grant whose line the server built (with its reply)."""
+        if self._closed:
+            return
+        self.pending.append(line)
         server.at_turn_end(self._end_of_turn)
 
     def flush(self) -> None:

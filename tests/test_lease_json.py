@@ -14,7 +14,7 @@ from rpool_agent.allocator import Granted
 from rpool_agent.holders import Holder
 from rpool_agent.pool import Instance, Pool
 from rpool_agent.requests import parse_request
-from rpool_agent.server import LeaseExtras, Server
+from rpool_agent.server import Connection, LeaseExtras, Server
 from rpool_agent.state import _encode, grant_line, lease_record
 
 
@@ -69,6 +69,13 @@ def test_grant_reply_and_line_equal_the_generic_encoding(tmp_path: Any, request_
                     assert json.loads(expected)["result"]["properties"] == doc["properties"]
                     line = grant_line(lease, extras)
                     assert line == _encode({"grant": lease_record(lease, extras)})
+                    # the server's hot path: both from one set of pieces, holder JSON
+                    # made afresh, then cached on the connection the holder is peer of
+                    conn = Connection(server, n)
+                    conn.peer = holder
+                    for via in (None, conn, conn):
+                        assert server._grant_texts(rid, lease, extras, via) == (expected, line)
+                    assert conn.holder_json is not None
                     server.allocator.release(owner, lease.id)
 
 
@@ -83,6 +90,7 @@ def test_a_lone_surrogate_in_a_label_falls_back_to_escaping(tmp_path: Any) -> No
     server.extras[lease.id] = LeaseExtras(token="t" * 32, holder=holder)
     reply = server._grant_reply(3, lease, "t" * 32)
     assert b"\\ud800" in reply
+    assert server._grant_texts(3, lease, server.extras[lease.id], None) is None  # -> the above
     assert json.loads(reply)["result"]["label"] == "bad \ud800"
 
 
