@@ -60,7 +60,7 @@ class Limits:
     handshake_timeout: float = 10.0
 
 
-@dataclass
+@dataclass(slots=True)
 class LeaseExtras:
     """What the shell keeps beside an allocator lease: secret token, files, requester."""
 
@@ -604,7 +604,8 @@ class Server:
         reply, line = texts
         if self.state is not None:
             self.state.record_line(self, line)
-        self._notify_status()
+        if self.notify is not None:
+            self._notify_status()
         if conn is not None:
             conn.send_bytes(reply)
 
@@ -711,13 +712,18 @@ class Server:
     def _end_lease(self, lease_id: str, how: str) -> None:
         extras = self.extras.pop(lease_id, None)
         if extras is not None:
-            self._close_pidfd(extras)
+            if extras.pidfd is not None:
+                self._close_pidfd(extras)
             if extras.files is not None:
                 from .handoff import remove_lease_files
 
                 remove_lease_files(extras.files)
-        self._log(f"{how} {lease_id}")
-        self._changed(lease_id)
+        if self.log_events:
+            self._log(f"{how} {lease_id}")
+        if self.state is not None:
+            self.state.record_end(self, lease_id)
+        if self.notify is not None:
+            self._notify_status()
 
     def _close_pidfd(self, extras: LeaseExtras) -> None:
         if extras.pidfd is not None:
@@ -780,7 +786,7 @@ class Server:
 
     def _changed(self, lease_id: str) -> None:
         """A lease was granted, re-bound or ended: journal it (written before any reply
-        leaves, see Connection.send), tell systemd."""
+        leaves, see `_flush_outbox`), tell systemd."""
         if self.state is not None:
             self.state.record(self, lease_id)
         self._notify_status()

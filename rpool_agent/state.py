@@ -323,6 +323,15 @@ class StateStore:
                 self._by_token = {t: i for t, i in self._by_token.items() if i != lease_id}
         server.at_turn_end(self._end_of_turn)
 
+    def record_end(self, server: Any, lease_id: str) -> None:
+        """`record` for a lease that ended."""
+        if self._closed:
+            return
+        self.pending.append('{"end":' + json_str(lease_id) + "}")
+        if self._by_token:
+            self._by_token = {t: i for t, i in self._by_token.items() if i != lease_id}
+        server.at_turn_end(self._end_of_turn)
+
     def record_line(self, server: Any, line: str) -> None:
         """`record` for a grant whose line the server built (with its reply)."""
         if self._closed:
