@@ -1,6 +1,6 @@
 """Lease server throughput, latency and reaping, against stdlib echo servers in the same run.
 
-    python bench/lease.py [--seconds 2] [--clients 1,8,64] [--json bench/results/lease.json]
+    python bench/lease.py [--seconds 1] [--rounds 5] [--clients 1,8,64] [--json FILE]
 
 For 1, 8 and 64 concurrent client PROCESSES it measures:
 - the agent: acquire+release cycles/s and p50/p99 acquire latency (raw socket clients
@@ -13,6 +13,11 @@ Ratios: a cycle is two round trips, so `cycle cost / (2 x echo round trip)` says
 agent adds on top of moving the bytes (epoll) or moving and parsing them (json). Targets
 (2-core VM): <= 2.5x the same-kind (JSON-lines) echo, p99 acquire at 64 clients <= 2x that
 echo's p99.
+
+Interleaved, because this VM is noisy: one set of client processes per level stays
+connected to every server, and each round runs every server for `--seconds`, in an order
+rotated from round to round. Each ratio is taken within a round (agent and echo measured
+seconds apart) and the table shows the median over rounds, with the range.
 
 Reaping: a holder process with a GPU is SIGKILLed while another client waits for that GPU;
 we time kill -> grant (median of many), next to the floor: kill -> EOF seen by a plain
@@ -123,28 +128,36 @@ asyncio.run(main())
 
 CLIENT = r"""
 import json, socket, sys, time
-path, mode, seconds, start_at = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); s.connect(path)
-f = s.makefile("rb")
-ACQ, HELLO, ECHO = (x.encode().decode("unicode_escape").encode() for x in sys.argv[5:8])
-if mode == "lease":
-    s.sendall(HELLO); f.readline()
-while time.monotonic() < start_at: time.sleep(0.001)
-lat, n, end = [], 0, start_at + seconds
-while True:
-    t0 = time.monotonic()
-    if t0 >= end: break
-    if mode == "lease":
-        s.sendall(ACQ); reply = f.readline(); t1 = time.monotonic()
-        # The lease id by a byte search, not json.loads: the echo clients parse nothing,
-        # so neither may these, or the client's JSON cost would be billed to the agent.
-        at = reply.index(b'"result":{"id":"') + 16
-        lid = reply[at:reply.index(b'"', at)]
-        s.sendall(b'{"id":2,"op":"release","lease":"%s"}\n' % lid); f.readline()
-    else:
-        s.sendall(ECHO); f.readline(); t1 = time.monotonic()
-    lat.append(t1 - t0); n += 1
-print(json.dumps({"n": n, "lat": lat}))
+ACQ, HELLO, ECHO = (x.encode().decode("unicode_escape").encode() for x in sys.argv[1:4])
+conns = {}
+for spec in sys.argv[4:]:  # NAME=PATH; the agent's connection says hello once
+    name, path = spec.split("=", 1)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); s.connect(path)
+    f = s.makefile("rb")
+    if name == "agent":
+        s.sendall(HELLO); f.readline()
+    conns[name] = (s, f)
+print("ready", flush=True)
+for cmd in sys.stdin:  # "NAME START SECONDS": one slot of one round
+    name, start_at, seconds = cmd.split()
+    s, f = conns[name]
+    start_at = float(start_at); end = start_at + float(seconds)
+    while time.monotonic() < start_at: time.sleep(0.0005)
+    lat, n = [], 0
+    while True:
+        t0 = time.monotonic()
+        if t0 >= end: break
+        if name == "agent":
+            s.sendall(ACQ); reply = f.readline(); t1 = time.monotonic()
+            # The lease id by a byte search, not json.loads: the echo clients parse nothing,
+            # so neither may these, or the client's JSON cost would be billed to the agent.
+            at = reply.index(b'"result":{"id":"') + 16
+            lid = reply[at:reply.index(b'"', at)]
+            s.sendall(b'{"id":2,"op":"release","lease":"%s"}\n' % lid); f.readline()
+        else:
+            s.sendall(ECHO); f.readline(); t1 = time.monotonic()
+        lat.append(t1 - t0); n += 1
+    print(json.dumps({"n": n, "lat": lat}), flush=True)
 """
 
 
@@ -200,28 +213,97 @@ def start_echo(kind: str, tmp: str) -> tuple[subprocess.Popen[str], str]:
     return p, sock
 
 
-def drive(sock: str, mode: str, clients: int, seconds: float) -> dict[str, float]:
-    start_at = time.monotonic() + 0.5 + clients * 0.02
-    args = [x.decode().encode("unicode_escape").decode() for x in (ACQUIRE, HELLO, ECHO_MSG)]
-    procs = [
-        start([PY, "-c", CLIENT, sock, mode, str(seconds), str(start_at), *args])
-        for _ in range(clients)
-    ]
-    total, lats = 0, []
-    for p in procs:
-        out, err = p.communicate(seconds + 60)
-        if p.returncode != 0:
-            raise RuntimeError(err)
-        r = json.loads(out)
-        total += r["n"]
-        lats += r["lat"]
-    lats.sort()
-    return {
-        "per_s": total / seconds,
-        "p50_ms": 1000 * lats[len(lats) // 2],
-        "p99_ms": 1000 * lats[min(len(lats) - 1, int(len(lats) * 0.99))],
-        "n": total,
+class Clients:
+    """`n` client processes, each connected to every server, run one slot at a time."""
+
+    def __init__(self, n: int, servers: dict[str, str]) -> None:
+        args = [x.decode().encode("unicode_escape").decode() for x in (ACQUIRE, HELLO, ECHO_MSG)]
+        specs = [f"{name}={path}" for name, path in servers.items()]
+        self.procs = [
+            subprocess.Popen(
+                [PY, "-c", CLIENT, *args, *specs],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(n)
+        ]
+        for p in self.procs:
+            assert p.stdout is not None
+            if p.stdout.readline().strip() != "ready":
+                raise RuntimeError("a benchmark client did not start")
+
+    def run(self, name: str, seconds: float) -> dict[str, float]:
+        start_at = time.monotonic() + 0.05 + 0.002 * len(self.procs)
+        for p in self.procs:
+            assert p.stdin is not None
+            p.stdin.write(f"{name} {start_at} {seconds}\n")
+            p.stdin.flush()
+        total, lats = 0, []
+        for p in self.procs:
+            assert p.stdout is not None
+            line = p.stdout.readline()
+            if not line:
+                raise RuntimeError(f"a benchmark client died (exit {p.wait()})")
+            r = json.loads(line)
+            total += r["n"]
+            lats += r["lat"]
+        lats.sort()
+        return {
+            "per_s": total / seconds,
+            "p50_ms": 1000 * lats[len(lats) // 2],
+            "p99_ms": 1000 * lats[min(len(lats) - 1, int(len(lats) * 0.99))],
+            "n": total,
+        }
+
+    def close(self) -> None:
+        for p in self.procs:
+            assert p.stdin is not None
+            p.stdin.close()
+        for p in self.procs:
+            p.wait()
+
+
+def measure_level(
+    n: int, servers: dict[str, str], rounds: int, seconds: float
+) -> list[dict[str, dict[str, float]]]:
+    """Per round, each server's slot; the order rotates so no server always goes first."""
+    clients = Clients(n, servers)
+    names = list(servers)
+    out = []
+    try:
+        for r in range(rounds):
+            order = names[r % len(names) :] + names[: r % len(names)]
+            out.append({name: clients.run(name, seconds) for name in order})
+    finally:
+        clients.close()
+    return out
+
+
+def summarize(per_round: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
+    """Per server the median over rounds of each measure; for the agent, each ratio taken
+    within a round, as median and range over rounds."""
+    row: dict[str, Any] = {}
+    for name in per_round[0]:
+        row[name] = {
+            k: statistics.median(r[name][k] for r in per_round)
+            for k in ("per_s", "p50_ms", "p99_ms")
+        }
+    ratios: dict[str, list[float]] = {}
+    for r in per_round:
+        cycle_us = 1e6 / r["agent"]["per_s"]
+        for echo in ("echo-epoll", "echo-json"):
+            rt_us = 1e6 / r[echo]["per_s"]
+            ratios.setdefault(f"cycle_vs_2_{echo}_rt", []).append(cycle_us / (2 * rt_us))
+        for echo in ("echo-json", "echo-protocol"):
+            ratios.setdefault(f"p99_vs_{echo}_p99", []).append(
+                r["agent"]["p99_ms"] / r[echo]["p99_ms"]
+            )
+    row["agent"]["ratios"] = {
+        k: {"median": statistics.median(v), "min": min(v), "max": max(v), "rounds": v}
+        for k, v in ratios.items()
     }
+    return row
 
 
 # --- reaping ----------------------------------------------------------------------------
@@ -282,33 +364,40 @@ def reap_latency(agent_sock: str, echo_proc: subprocess.Popen[str], echo_sock: s
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--seconds", type=float, default=1.0, help="per server, per round")
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--clients", default="1,8,64")
     ap.add_argument("--reap-rounds", type=int, default=15)
     ap.add_argument("--json", default=str(HERE / "results" / "lease.json"))
     a = ap.parse_args()
     levels = [int(x) for x in a.clients.split(",")]
-    results: dict[str, Any] = {"seconds": a.seconds, "levels": {}}
+    results: dict[str, Any] = {
+        "seconds": a.seconds,
+        "rounds": a.rounds,
+        "levels": {},
+        "per_round": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         servers = {"agent": start_agent(tmp)}
         for kind in ("epoll", "protocol", "json", "streams"):
             servers[f"echo-{kind}"] = start_echo(kind, tmp)
         try:
+            paths = {name: sock for name, (_, sock) in servers.items()}
             for n in levels:
-                row = {}
-                for name, (_, sock) in servers.items():
-                    row[name] = drive(sock, "lease" if name == "agent" else "echo", n, a.seconds)
-                results["levels"][n] = row
-            grant_ms, floor_ms = reap_latency(
-                servers["agent"][1],
-                servers["echo-epoll"][0],
-                servers["echo-epoll"][1],
-                a.reap_rounds,
-            )
-            results["reap"] = {
-                "kill_to_grant_median_ms": grant_ms,
-                "kill_to_eof_floor_ms": floor_ms,
-            }
+                per_round = measure_level(n, paths, a.rounds, a.seconds)
+                results["per_round"][n] = per_round
+                results["levels"][n] = summarize(per_round)
+            if a.reap_rounds:
+                grant_ms, floor_ms = reap_latency(
+                    servers["agent"][1],
+                    servers["echo-epoll"][0],
+                    servers["echo-epoll"][1],
+                    a.reap_rounds,
+                )
+                results["reap"] = {
+                    "kill_to_grant_median_ms": grant_ms,
+                    "kill_to_eof_floor_ms": floor_ms,
+                }
         finally:
             for p, _ in servers.values():
                 p.kill()
@@ -320,22 +409,29 @@ def main() -> None:
 
 
 def print_table(r: dict[str, Any]) -> None:
-    """One row per server and level; the agent's row carries the ratios (targets: cycle <=
-    2.5x two JSON-echo round trips, p99 acquire at 64 clients <= 2x the JSON echo's p99)."""
+    """One row per server and level (medians over rounds); the agent's row carries the
+    ratios, each the median over rounds of the ratio within a round, with its range
+    (targets: cycle <= 2.5x two JSON-echo round trips, p99 acquire at 64 clients <= 2x the
+    JSON echo's p99)."""
+    print(f"{r['rounds']} rounds of {r['seconds']:g} s per server; medians over rounds\n")
     print(f"{'clients':>7} {'server':<15} {'ops/s':>9} {'p50 ms':>8} {'p99 ms':>8}   notes")
     for n, row in r["levels"].items():
         for name, m in row.items():
             note = ""
             if name == "agent":
-                cycle_us = 1e6 / m["per_s"]
-                notes = []
-                for echo in ("echo-epoll", "echo-json"):
-                    rt_us = 1e6 / row[echo]["per_s"]
-                    notes.append(f"cycle = {cycle_us / (2 * rt_us):.2f}x 2 {echo} RTs")
-                for echo in ("echo-json", "echo-protocol"):
-                    p99_ratio = m["p99_ms"] / row[echo]["p99_ms"]
-                    notes.append(f"p99 = {p99_ratio:.2f}x {echo} p99")
-                note = "; ".join(notes)
+                labels = {
+                    "cycle_vs_2_echo-epoll_rt": "cycle = {} 2 echo-epoll RTs",
+                    "cycle_vs_2_echo-json_rt": "cycle = {} 2 echo-json RTs",
+                    "p99_vs_echo-json_p99": "p99 = {} echo-json p99",
+                    "p99_vs_echo-protocol_p99": "p99 = {} echo-protocol p99",
+                }
+                note = "; ".join(
+                    fmt.format(
+                        f"{m['ratios'][k]['median']:.2f}x "
+                        f"({m['ratios'][k]['min']:.2f}-{m['ratios'][k]['max']:.2f})"
+                    )
+                    for k, fmt in labels.items()
+                )
             cols = f"{m['per_s']:>9.0f} {m['p50_ms']:>8.3f} {m['p99_ms']:>8.3f}"
             print(f"{n:>7} {name:<15} {cols}   {note}")
     rp = r.get("reap")
