@@ -871,7 +871,10 @@ class Server:
         conns, self._outbox = self._outbox, []
         state = self.state
         if state is not None and state.pending:
-            state.flush()
+            try:
+                state.flush()  # a failed write is handled (and said) there
+            except Exception as exc:  # a bug: the replies still leave, or clients hang
+                self._log(f"journal flush failed: {exc!r}", important=True)
         for conn in conns:
             conn.flush()
 

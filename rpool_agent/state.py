@@ -186,6 +186,7 @@ class StateStore:
         self._lock_fd: int | None = None
         self._lines = 0
         self._closed = False
+        self._failing = False  # the last write failed; said so once
         self._server: Any = None
         self._by_token: dict[str, str] = {}  # restored leases not yet re-claimed
         self._boot = boot_id()
@@ -221,7 +222,10 @@ class StateStore:
                 + f", dropped {len(dropped)}"
                 + (f" ({', '.join(dropped)})" if dropped else "")
             )
-        self._compact()
+        try:
+            self._compact()
+        except OSError as exc:
+            raise ConfigError(f"state dir {self.directory}: {exc.strerror or exc}") from None
 
     def _open_dir(self) -> None:
         d = self.directory
@@ -346,17 +350,48 @@ class StateStore:
         data = _utf8_lines(self.pending)
         self._lines += len(self.pending)
         self.pending = []
-        if self._fd is None:
-            self._compact()
+        try:
+            if self._fd is None:  # after a failed write: the whole snapshot, not lines
+                self._compact()
+            else:
+                _write_all(self._fd, data)
+        except OSError as exc:
+            self._write_failed(exc)
             return
-        _write_all(self._fd, data)
+        if self._failing:
+            self._failing = False
+            self._say(f"state: {self.path} is written again; the leases are durable again")
+
+    def _write_failed(self, exc: OSError) -> None:
+        """A full disk, a quota, a read-only remount: keep serving (a CI node with a full
+        /var must not stop handing out GPUs), say so loudly once, and rewrite the whole
+        snapshot at the next change, since the journal has missed lines by now."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if not self._failing:
+            self._failing = True
+            self._say(
+                f"STATE WRITE FAILED: {self.path}: {exc.strerror or exc}. Serving on; leases "
+                "granted or ended from now on do NOT survive an agent restart until a "
+                "write succeeds again (retried at every change)."
+            )
+
+    def _say(self, line: str) -> None:
+        if self._server is not None:
+            self._server._log(line, important=True)
 
     def _end_of_turn(self) -> None:
         self.flush()
-        if self._server is not None and self._lines > self.compact_slack + 2 * len(
-            self._server.extras
+        if (
+            self._fd is not None
+            and self._server is not None
+            and self._lines > self.compact_slack + 2 * len(self._server.extras)
         ):
-            self._compact()
+            try:
+                self._compact()
+            except OSError as exc:
+                self._write_failed(exc)
 
     def _compact(self) -> None:
         """Rewrite the journal as a snapshot of the live leases: old file or new, never half."""
@@ -397,6 +432,11 @@ class StateStore:
     def close(self) -> None:
         """Write what is pending, then record nothing more (the agent is stopping)."""
         self.flush()
+        if self._failing:  # one more try to leave a file that matches the live leases
+            try:
+                self._compact()
+            except OSError:
+                self._say(f"state: {self.path} is still not writable; it is out of date")
         self._closed = True
         for fd in (self._fd, self._lock_fd):
             if fd is not None:

@@ -6,6 +6,7 @@ process, and clients talk to it over the socket exactly as users' programs do.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -142,3 +143,25 @@ def running_agent(
         yield agent
     finally:
         agent.stop()
+
+
+class NoAnswer(Exception):
+    """Not a TimeoutError: that is an OSError, which the client takes for a lost
+    connection (and then reconnects, and waits again)."""
+
+
+@contextlib.contextmanager
+def answer_within(seconds: int) -> Iterator[None]:
+    """Fail (not hang) when a blocking call inside takes longer: for tests whose failure
+    mode is a client waiting forever for a reply that never comes."""
+
+    def expired(*_: object) -> None:
+        raise NoAnswer(f"no answer within {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import resource
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_fixture import gpu_pool, running_agent, wait_until
+from agent_fixture import answer_within, gpu_pool, running_agent, wait_until
 
 from rpool_agent.holders import process_starttime
 from rpool_agent.state import FILE_NAME, StateCorrupt, boot_id, load_records
@@ -150,6 +151,34 @@ def test_a_label_utf8_cannot_hold_is_journaled_escaped_and_survives_a_restart(
         labels = {le["id"]: le["label"] for le in agent.status()["leases"]}
         assert labels == {lease.id: odd, other.id: "plain"}
         assert load_records(state)[1][lease.id]["label"] == odd
+        c.close()
+
+
+def test_a_journal_write_that_fails_is_said_once_and_grants_go_on(tmp_path: Path) -> None:
+    """A full disk, for real: the agent's RLIMIT_FSIZE is lowered under it (a write past
+    it fails with EFBIG; Python ignores SIGXFSZ). Clients still get their grants, the log
+    says so once, and once writes work again the file is rewritten to match the leases."""
+    config = tmp_path / "agent.yaml"
+    config.write_text("log_level: warning\n")  # the log file must not hit the limit first
+    with running_agent(tmp_path, None, "--config", str(config)) as agent:
+        journal = tmp_path / "agent-state" / FILE_NAME
+        c = agent.client().connect()
+        first = c.acquire(gpus=1, label="before")
+        limit = journal.stat().st_size + 100  # the next grant line (~400 bytes) won't fit
+        hard = resource.prlimit(agent.proc.pid, resource.RLIMIT_FSIZE)[1]
+        resource.prlimit(agent.proc.pid, resource.RLIMIT_FSIZE, (limit, hard))  # soft limit
+        with answer_within(20):  # the failure this guards against is a reply never sent
+            during = [c.acquire(gpus=1, label="x" * 200, timeout=5) for _ in range(2)]
+        assert len({le.gpus[0].index for le in [first, *during]}) == 3  # granted, no hang
+        log = agent.log()
+        assert log.count("STATE WRITE FAILED") == 1 and "Traceback" not in log
+        resource.prlimit(agent.proc.pid, resource.RLIMIT_FSIZE, (hard, hard))
+        during[0].release()  # the next change rewrites the whole file
+        assert set(load_records(journal)[1]) == {first.id, during[1].id}
+        assert "is written again" in agent.log()
+        assert agent.stop() == 0
+        agent.restart()
+        assert held(agent) == {first.id: [first.gpus[0].id], during[1].id: [during[1].gpus[0].id]}
         c.close()
 
 
