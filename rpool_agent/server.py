@@ -2,8 +2,9 @@
 
 Each connection runs wsproto's three steps: 1) bytes from the socket go into the frame
 decoder, 2) each call goes to the allocator, which answers with events, 3) each event is
-written to whichever connection it names (a release on one connection grants a waiter on
-another). Losing a peer is an input too: EOF -> `allocator.disconnect(owner)`, which reaps
+queued for whichever connection it names (a release on one connection grants a waiter on
+another); at the end of the loop turn the journal is written once, then every queued
+reply. Losing a peer is an input too: EOF -> `allocator.disconnect(owner)`, which reaps
 its leases and serves the next waiter, with no polling and no timeout to wait out.
 
 Sockets, SO_PEERCRED, timers, logging and sd_notify live here; no allocation decision does.
