@@ -310,7 +310,11 @@ def reload() -> None:
     from .client import Client
 
     with Client() as c:
-        typer.echo(str(c.reload()))
+        result = c.reload()
+    if result.get("reloaded"):
+        typer.echo(f"reloaded: {result.get('pool')}")
+    else:
+        typer.echo("not reloaded: this agent was given no pool source to read again")
 
 
 # --- systemd packaging: install-units -----------------------------------------------------

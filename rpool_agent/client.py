@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import protocol
-from .errors import AgentUnavailable, ProtocolError, RpoolAgentError, UnknownLease
+from .errors import AgentUnavailable, ProtocolError, RequestError, RpoolAgentError, UnknownLease
 
 #: Replies can be far larger than requests (`status` of a busy node lists every lease and
 #: waiter); the agent is trusted, so the client's bound is only against a runaway stream.
@@ -278,6 +278,7 @@ class Client:
         if request is None:
             wanted = {k: v for k, v in {"gpus": gpus, "cpus": cpus, **counts}.items() if v}
             request = wanted
+        timeout = _wire_timeout(timeout)
         doc = self.call(
             "acquire",
             request=request,
@@ -313,6 +314,16 @@ class Client:
 
     def reload(self) -> Any:
         return self.call("reload")
+
+
+def _wire_timeout(timeout: Any) -> float | None:
+    """A timeout as the protocol takes it: JSON has no NaN or Infinity, so infinity is
+    sent as None (wait as long as it takes) and NaN is refused here, in plain words."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+        raise RequestError(f"timeout must be a number of seconds >= 0 or None, not {timeout!r}")
+    return None if timeout == float("inf") else timeout
 
 
 class _ConnectionLost(Exception):

@@ -7,6 +7,7 @@ real signals. The pools' cpu ids are CPUs 0 and 1, which every machine running t
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import signal
@@ -247,6 +248,7 @@ def test_python_ignored_signals_are_not_passed_on(shared: Agent) -> None:
         (["--gpus", "1", "--request", "gpus:1", "--", "true"], "not both"),
         (["--", "true"], "nothing requested"),
         (["--gpus", "1", "--timeout", "0.2", "--", "true"], "not granted within 0.2 s"),
+        (["--gpus", "1", "--timeout", "nan", "--", "true"], "timeout must be a number"),
     ],
 )
 def test_bad_requests_fail_in_one_line(shared: Agent, args: list[str], says: str) -> None:
@@ -349,3 +351,22 @@ def test_lease_ends_when_the_command_exits(tmp_path: Path) -> None:
         t.join(10)
         assert got["gpus"] == ["0"] and got["at"] - exited_at < 1.0
         assert lease_id not in lease_ids(agent)
+
+
+# --- the admin commands, from the command line -----------------------------------------------
+
+
+def test_drain_undrain_and_reload_say_what_they_did(tmp_path: Path) -> None:
+    config = tmp_path / "admin.yaml"  # our own group is the admin group: no root needed
+    config.write_text(f"admin_group: {grp.getgrgid(os.getgid()).gr_name}\n")
+    with running_agent(tmp_path, gpu_pool(2), "--config", str(config)) as agent:
+        drained = rpool(agent, "drain", "gpus:1", "--reason", "bad fan")
+        assert (drained.returncode, drained.stdout) == (0, "drained gpus:1\n")
+        assert agent.status()["drained"] == [{"type": "gpus", "id": "1", "reason": "bad fan"}]
+        undrained = rpool(agent, "undrain", "gpus:1")
+        assert (undrained.returncode, undrained.stdout) == (0, "undrained gpus:1\n")
+        assert agent.status()["drained"] == []
+        reloaded = rpool(agent, "reload")  # once printed a Python dict
+        assert reloaded.returncode == 0
+        assert reloaded.stdout.startswith("reloaded: 1 node; ") and "gpus: 2" in reloaded.stdout
+        assert "TYPE:ID" in one_line_error(rpool(agent, "drain", "bogus"))

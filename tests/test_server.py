@@ -18,6 +18,7 @@ import pytest
 from agent_fixture import gpu_pool, running_agent, wait_until
 
 from rpool_agent.errors import (
+    RequestError,
     ResourceUnavailable,
     Timeout,
     UnknownLease,
@@ -175,6 +176,25 @@ def test_unsatisfiable_unknown_and_timeout(tmp_path: Path) -> None:
                 other.acquire(gpus=1, timeout=0.3)
             assert 0.25 < time.monotonic() - t0 < 3
         held.release()
+
+
+def test_infinite_timeout_waits_and_nan_is_refused_in_words(tmp_path: Path) -> None:
+    """JSON has neither: inf once reached the agent as a malformed message, NaN too."""
+    with running_agent(tmp_path, gpu_pool(2)) as agent, agent.client() as c:
+        held = c.acquire(gpus=1)
+        with pytest.raises(RequestError, match="timeout must be a number"):
+            c.acquire(gpus=1, timeout=float("nan"))
+        with agent.client() as other:
+            got: list[Any] = []
+            waiter = threading.Thread(
+                target=lambda: got.append(other.acquire(gpus=2, timeout=float("inf")))
+            )
+            waiter.start()
+            wait_until(lambda: len(agent.status()["waiters"]) == 1)
+            held.release()  # the waiter (no deadline) gets both GPUs
+            waiter.join(10)
+            assert [g.index for g in got[0].gpus] == [0, 1]
+            got[0].release()
 
 
 def test_release_by_lease_id_from_another_connection_of_the_same_user(tmp_path: Path) -> None:
