@@ -3,10 +3,10 @@
 `detect` is the command a node runs most (`rpool-agent detect > pool.yaml` in every job's
 prologue) and its budget is a few times hwloc's `lstopo`. typer alone costs more than that
 to import, so `entry.main` hands a plain `detect` invocation to `fast_main`, which parses
-the same options by hand (argparse, with the gettext, locale and shutil it pulls in, costs
-~4 ms); `--help` and anything it does not take exactly as click would still go through
-typer, which then prints the proper message. tests/test_detect_cli.py checks that both
-know exactly the same options and give the same output.
+the same options by hand (fastargs.py; argparse, with the gettext, locale and shutil it
+pulls in, costs ~4 ms); `--help` and anything it does not take exactly as click would
+still go through typer, which then prints the proper message. tests/test_detect_cli.py
+checks that both know exactly the same options and give the same output.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import os
 import sys
 
 from .errors import ConfigError, RpoolAgentError
+from .fastargs import Options, parse_options
 
 FORMATS = ("canary", "canary-nodes", "ctest", "json")
 
@@ -72,7 +73,7 @@ def write_text(text: str, output: str | None) -> None:
 
 
 #: `detect`'s options as cli.py declares them: option -> (run_detect parameter, takes a value).
-OPTIONS: dict[str, tuple[str, bool]] = {
+OPTIONS: Options = {
     "--format": ("form", True),
     "-f": ("form", True),
     "--hyperthreads": ("hyperthreads", False),
@@ -85,33 +86,8 @@ OPTIONS: dict[str, tuple[str, bool]] = {
 
 
 def parse_fast(argv: list[str]) -> dict[str, str | bool] | None:
-    """`argv` (after the word detect) as {parameter: value}, read as click reads it:
-    `--opt value`, `--opt=value`, `-o value`, `-ovalue`, flags without a value, the last
-    of a repeated option wins. None for anything else (help, a positional, `--`, an
-    unknown option, a missing value, a value that looks like an option): typer decides."""
-    got: dict[str, str | bool] = {}
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        i += 1
-        name, eq, value = arg.partition("=") if arg.startswith("--") else (arg, "", "")
-        if name not in OPTIONS and arg[:2] in OPTIONS and not arg.startswith("--"):
-            name, eq, value = arg[:2], "=", arg[2:]  # -fjson
-        if name not in OPTIONS:
-            return None
-        param, takes_value = OPTIONS[name]
-        if not takes_value:
-            if eq:
-                return None  # --mig=yes: click refuses, typer says so
-            got[param] = True
-            continue
-        if not eq:
-            if i == len(argv) or (argv[i].startswith("-") and argv[i] != "-"):
-                return None
-            value = argv[i]
-            i += 1
-        got[param] = value
-    return got
+    """`argv` (after the word detect) as {parameter: value}; None: typer decides."""
+    return parse_options(argv, OPTIONS)
 
 
 def fast_main(argv: list[str]) -> int | None:

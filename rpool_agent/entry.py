@@ -1,7 +1,8 @@
-"""The `rpool-agent` console script: a plain `detect` skips typer, the rest goes to cli.
+"""The `rpool-agent` console script: a plain `detect` or `run` skips typer, the rest goes
+to cli.
 
 Importing typer costs several times what `detect` itself does, and `detect` runs in every
-job's prologue; see detect_cmd.py.
+job's prologue, `run` around every command a harness leases for; see fastargs.py.
 """
 
 from __future__ import annotations
@@ -14,6 +15,12 @@ def main() -> None:
         from .detect_cmd import fast_main
 
         code = fast_main(sys.argv[2:])
+        if code is not None:
+            sys.exit(code)
+    elif sys.argv[1:2] == ["run"]:
+        from .run_cmd import fast_main as run_fast_main
+
+        code = run_fast_main(sys.argv[2:])
         if code is not None:
             sys.exit(code)
     from .cli import main as cli_main
