@@ -14,7 +14,8 @@ directory, so a file means the same wherever the agent was started from. Every m
 one `ConfigError` line naming the file and the key. On SIGHUP the server re-reads the file
 and merges it again with the same command-line values, so those keep winning.
 
-Clients share the socket rules: `client_socket_path()` is where `Client()` connects.
+Clients share the socket rules (paths.py, re-exported here): `client_socket_path()` is
+where `Client()` connects.
 """
 
 from __future__ import annotations
@@ -26,11 +27,17 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .paths import (  # noqa: F401 - the path rules, re-exported where they used to live
+    SOCKET_ENV,
+    SYSTEM_CONFIG,
+    SYSTEM_SOCKET,
+    SYSTEM_STATE_DIR,
+    client_socket_path,
+    default_socket_path,
+    default_state_dir,
+    user_socket_path,
+)
 
-SYSTEM_SOCKET = "/run/rpool-agent/agent.sock"
-SYSTEM_STATE_DIR = "/var/lib/rpool-agent"
-SYSTEM_CONFIG = "/etc/rpool-agent/agent.yaml"
-SOCKET_ENV = "RPOOL_AGENT_SOCKET"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -62,72 +69,6 @@ class ServeConfig:
             socket=self.socket or default_socket_path(env, uid),
             state_dir=self.state_dir or default_state_dir(env, uid),
         )
-
-
-# --- default paths ----------------------------------------------------------------------
-
-
-def _uid(uid: int | None) -> int:
-    return os.getuid() if uid is None else uid
-
-
-def user_socket_path(env: Mapping[str, str] = os.environ) -> str | None:
-    """`$XDG_RUNTIME_DIR/rpool-agent/agent.sock`, or None without XDG_RUNTIME_DIR."""
-    runtime = env.get("XDG_RUNTIME_DIR", "")
-    return os.path.join(runtime, "rpool-agent", "agent.sock") if runtime else None
-
-
-def default_socket_path(env: Mapping[str, str] = os.environ, uid: int | None = None) -> str:
-    """Where a server listens: $RPOOL_AGENT_SOCKET, else the system path as root, else the
-    per-user runtime path.
-
-    Raises ConfigError for a user without XDG_RUNTIME_DIR rather than guessing a shared
-    directory such as /tmp, where another user could squat the path.
-    """
-    if env.get(SOCKET_ENV):
-        return env[SOCKET_ENV]
-    if _uid(uid) == 0:
-        return SYSTEM_SOCKET
-    path = user_socket_path(env)
-    if path is None:
-        raise ConfigError(f"XDG_RUNTIME_DIR is not set: pass --socket PATH or set {SOCKET_ENV}")
-    return path
-
-
-def client_socket_path(
-    env: Mapping[str, str] = os.environ,
-    uid: int | None = None,
-    *,
-    exists: Any = os.path.exists,
-) -> str:
-    """Where a client connects: $RPOOL_AGENT_SOCKET, else the server default for this user
-    when a socket is there, else the system agent's socket.
-
-    The fallback is what makes a node's systemd agent reach every user (members of the
-    socket's group) without each setting RPOOL_AGENT_SOCKET, while a user's own agent,
-    if one runs, still wins.
-    """
-    if env.get(SOCKET_ENV):
-        return env[SOCKET_ENV]
-    if _uid(uid) != 0:
-        path = user_socket_path(env)
-        if path is not None and exists(path):
-            return path
-    return SYSTEM_SOCKET
-
-
-def default_state_dir(env: Mapping[str, str] = os.environ, uid: int | None = None) -> str:
-    """Where durable leases live: $STATE_DIRECTORY (set by systemd's StateDirectory=), else
-    /var/lib/rpool-agent as root, else $XDG_STATE_HOME/rpool-agent or
-    ~/.local/state/rpool-agent."""
-    if env.get("STATE_DIRECTORY"):
-        return env["STATE_DIRECTORY"].split(":")[0]
-    if _uid(uid) == 0:
-        return SYSTEM_STATE_DIR
-    base = env.get("XDG_STATE_HOME") or os.path.join(
-        env.get("HOME") or os.path.expanduser("~"), ".local", "state"
-    )
-    return os.path.join(base, "rpool-agent")
 
 
 # --- validation ---------------------------------------------------------------------------

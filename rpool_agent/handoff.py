@@ -24,11 +24,11 @@ import os
 import re
 import stat
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from .errors import PermissionDenied, PoolFormatError
 from .pool import Instance, Pool
+from .probes.record import Frozen
 
 #: `CUDA_VISIBLE_DEVICES` for a lease without GPUs. CUDA documents that enumeration stops
 #: at the first invalid entry, so "-1" hides every GPU; unlike "" it survives shell
@@ -48,8 +48,7 @@ FILE_VARS = ("RPOOL_CTEST_SPEC_FILE", "RPOOL_POOL_FILE", "RPOOL_POOL_NODES_FILE"
 _PLACEHOLDER = re.compile(r"\{(ctest_spec|pool_nodes|pool)\}")
 
 
-@dataclass(frozen=True)
-class LeasedGpu:
+class LeasedGpu(Frozen):
     """One leased GPU or MIG device, with what CUDA needs to name it."""
 
     id: str  # pool id
@@ -81,8 +80,7 @@ class LeasedGpu:
         return self.id
 
 
-@dataclass(frozen=True)
-class LeaseFiles:
+class LeaseFiles(Frozen):
     """Paths of one lease's pool files (all inside `directory`, mode 0700)."""
 
     directory: str

@@ -87,11 +87,12 @@ def test_fast_path_matches_typer(agent: Agent, args: list[str]) -> None:
     assert fast.returncode != 0  # each case fails in its own way (3 from SHOW's exit)
 
 
-def test_fast_path_does_not_import_typer(agent: Agent, tmp_path: Path) -> None:
+def test_fast_path_imports_no_typer_asyncio_or_dataclasses(agent: Agent, tmp_path: Path) -> None:
     # -X importtime lists every import the run process made before it exec'd the command
     cmd = [sys.executable, "-X", "importtime", "-c", FAST, "run", "--gpus", "1", "--", "true"]
     r = subprocess.run(cmd, env=agent.env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines()}
     assert "rpool_agent.runner" in imported
-    assert not {m for m in imported if m.split(".")[0] in ("typer", "click", "asyncio")}
+    heavy = ("typer", "click", "asyncio", "dataclasses")  # 40 / 10 / 8 ms on this VM
+    assert not {m for m in imported if m.split(".")[0] in heavy}
