@@ -1,9 +1,10 @@
 """`rpool-agent run`'s fast path: the same options, read without typer.
 
 `run` wraps every command a harness leases for, and importing typer costs more than the
-rest of `run` together (tests/test_run_cli.py measures nothing but checks it is not
-imported). `entry.main` hands `run [OPTIONS] -- CMD...` here; anything else (no `--`,
-`--help`, a value click would refuse or read differently) goes to typer as before.
+rest of `run` together (docs/run.md has the numbers; tests/test_run_cli.py checks that
+typer, asyncio and dataclasses stay out). `entry.main` hands `run [OPTIONS] -- CMD...`
+here; anything else (no `--`, `--help`, a value click would refuse or read differently)
+goes to typer as before.
 """
 
 from __future__ import annotations
