@@ -61,3 +61,5 @@ def fast_main(argv: list[str]) -> int | None:
     except RpoolAgentError as exc:
         sys.stderr.write(f"rpool-agent: {exc}\n")
         return RUN_FAILED
+    except KeyboardInterrupt:  # Ctrl-C while waiting for the lease: quiet, as cli.main
+        return 130

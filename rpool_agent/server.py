@@ -476,7 +476,7 @@ class Server:
         if extras is None or lease_id not in self.allocator.leases:
             raise UnknownLease(f"no lease {str(lease_id)[:40]!r}")
         if not isinstance(token, str) or not secrets.compare_digest(
-            token.encode(errors="surrogatepass"), extras.token.encode()
+            token.encode(errors="surrogatepass"), extras.token.encode(errors="surrogatepass")
         ):
             raise NotOwner("wrong token for this lease")
         return self._rebind(conn, lease_id, with_token=False)
@@ -863,7 +863,10 @@ class Server:
                     self._flush_outbox()  # replies first: clients work while we log
                 callbacks, self._turn_end = self._turn_end, {}
                 for fn in callbacks:
-                    fn()
+                    try:
+                        fn()
+                    except Exception as exc:  # a bug: the other flushes still run
+                        self._report_bug("turn-end work", exc)
         finally:
             self._turn_end_scheduled = False
 
@@ -875,9 +878,18 @@ class Server:
             try:
                 state.flush()  # a failed write is handled (and said) there
             except Exception as exc:  # a bug: the replies still leave, or clients hang
-                self._log(f"journal flush failed: {exc!r}", important=True)
+                self._report_bug("journal flush", exc)
         for conn in conns:
-            conn.flush()
+            try:
+                conn.flush()
+            except Exception as exc:  # a bug: the other connections' replies still leave
+                self._report_bug("reply flush", exc)
+
+    def _report_bug(self, what: str, exc: Exception) -> None:
+        """Log a failure in the turn-end machinery now, not at the turn end: a failing log
+        flush reported through the log flush would never stop."""
+        with contextlib.suppress(Exception):
+            self.log(f"{what} failed: {exc!r}")
 
     def _flush_log(self) -> None:
         lines, self._log_lines = self._log_lines, []

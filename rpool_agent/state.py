@@ -24,6 +24,7 @@ acknowledged); anything else unreadable means the file is corrupt: it is moved a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -366,9 +367,10 @@ class StateStore:
         """A full disk, a quota, a read-only remount: keep serving (a CI node with a full
         /var must not stop handing out GPUs), say so loudly once, and rewrite the whole
         snapshot at the next change, since the journal has missed lines by now."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):  # EIO from close(): the number is freed anyway
+                os.close(fd)
         if not self._failing:
             self._failing = True
             self._say(
@@ -424,8 +426,9 @@ class StateStore:
             os.close(fd)
         os.replace(tmp, self.path)
         _fsync_dir(self.directory)
-        if self._fd is not None:
-            os.close(self._fd)
+        old, self._fd = self._fd, None  # never keep a number that is closed (and reused)
+        if old is not None:
+            os.close(old)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         self._lines = len(lines)
 

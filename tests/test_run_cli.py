@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_fixture import Agent, gpu_pool, running_agent
+from agent_fixture import Agent, gpu_pool, running_agent, wait_until
 
 from rpool_agent.run_cmd import OPTIONS, parse_fast
 
@@ -96,3 +97,20 @@ def test_fast_path_imports_no_typer_asyncio_or_dataclasses(agent: Agent, tmp_pat
     assert "rpool_agent.runner" in imported
     heavy = ("typer", "click", "asyncio", "dataclasses")  # 40 / 10 / 8 ms on this VM
     assert not {m for m in imported if m.split(".")[0] in heavy}
+
+
+def test_ctrl_c_while_waiting_is_a_quiet_130_both_ways(agent: Agent) -> None:
+    with agent.client() as c, c.acquire(gpus=2):  # so that run waits in the queue
+        for head in ([sys.executable, "-c", FAST], [sys.executable, "-m", "rpool_agent.cli"]):
+            proc = subprocess.Popen(
+                [*head, "run", "--gpus", "1", "--", "true"],
+                env=agent.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            wait_until(lambda: len(agent.status()["waiters"]) == 1)
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=30)
+            assert (proc.returncode, out, err) == (130, "", "")  # no traceback
+            wait_until(lambda: not agent.status()["waiters"])  # its request went with it

@@ -6,10 +6,12 @@ agent in situations a test cannot wait for (a recycled pid, an earlier boot, a l
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import resource
+import socket
 import subprocess
 import sys
 import time
@@ -20,7 +22,7 @@ import pytest
 from agent_fixture import answer_within, gpu_pool, running_agent, wait_until
 
 from rpool_agent.holders import process_starttime
-from rpool_agent.state import FILE_NAME, StateCorrupt, boot_id, load_records
+from rpool_agent.state import FILE_NAME, StateCorrupt, StateStore, boot_id, load_records
 
 PY = sys.executable
 
@@ -180,6 +182,58 @@ def test_a_journal_write_that_fails_is_said_once_and_grants_go_on(tmp_path: Path
         agent.restart()
         assert held(agent) == {first.id: [first.gpus[0].id], during[1].id: [during[1].gpus[0].id]}
         c.close()
+
+
+class _StubServer:
+    """What StateStore asks of the server, for the one test that drives a store alone."""
+
+    def __init__(self) -> None:
+        self.allocator = type("Allocator", (), {"leases": {}})()
+        self.extras: dict[str, Any] = {}
+        self.lines: list[str] = []
+
+    def log(self, line: str) -> None:
+        self.lines.append(line)
+
+    def _log(self, line: str, important: bool = False) -> None:
+        self.lines.append(line)
+
+    def at_turn_end(self, fn: Any) -> None:
+        pass
+
+
+def test_a_failed_reopen_after_compaction_keeps_no_closed_descriptor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mocked, because a full system file table (ENFILE) cannot be made safely: os.open
+    fails for the journal's reopen only. The store once kept the closed number, which the
+    next socket got, and the next flush wrote journal lines (tokens!) into that socket."""
+    state_dir = tmp_path / "state"
+    store = StateStore(state_dir, compact_slack=1)
+    server = _StubServer()
+    store.restore(server)
+    real_open = os.open
+
+    def open_but_not_the_journal(path: Any, flags: int, *args: Any) -> int:
+        if flags & os.O_APPEND:
+            raise OSError(errno.ENFILE, "Too many open files in system")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", open_but_not_the_journal)
+    store.pending = ['{"end":"a"}', '{"end":"b"}', '{"end":"c"}']
+    store._end_of_turn()  # the lines go out, then compaction: its reopen fails
+    monkeypatch.setattr(os, "open", real_open)
+    assert store._fd is None and any("STATE WRITE FAILED" in x for x in server.lines)
+    a, b = socket.socketpair()  # gets the lowest free numbers: the closed one, if kept
+    with a, b:
+        store.pending = ['{"end":"secret"}']
+        store.flush()  # rewrites the snapshot instead
+        b.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            b.recv(100)
+    assert load_records(state_dir / FILE_NAME)[1] == {}
+    assert any("written again" in x for x in server.lines)
+    store.close()
 
 
 def test_unsafe_or_shared_state_dir_is_refused_in_one_line(tmp_path: Path) -> None:
