@@ -200,13 +200,13 @@ class Client:
         before the restart, reply lost, comes back as that lease rather than a second one.
         """
         self.connect()
-        deadline = time.monotonic() + self.reconnect_timeout
         while True:
             try:
                 return self._call_once(op, args)
             except _ConnectionLost:
                 self.close()
-            self._reconnect(deadline)
+            # from the loss, not from the call: an acquire may have waited for an hour
+            self._reconnect(time.monotonic() + self.reconnect_timeout)
 
     def _reconnect(self, deadline: float) -> None:
         while True:

@@ -412,6 +412,7 @@ class Server:
                 conn.pending.discard(key)
                 self._routes.pop(key, None)
                 self._tokens.pop(key, None)
+                self._want_files.discard(key)
                 self.dispatch(self.allocator.cancel(key[2], key))
                 return {"cancelled": True}
         return {"cancelled": False}
@@ -578,7 +579,7 @@ class Server:
                 if conn is not None:
                     gone = UnknownLease(f"process {holder.pid} exited before the grant")
                     conn.send(protocol.error(req_id[1], gone))
-                self.dispatch(self.allocator.disconnect(lease.owner))
+                self._disconnect(lease.owner)
                 return
             loop = self._running_loop()
             assert loop is not None
@@ -708,7 +709,22 @@ class Server:
         return files
 
     def _holder_exited(self, owner: Owner) -> None:
-        self.dispatch(self.allocator.disconnect(owner))
+        self._disconnect(owner)
+
+    def _disconnect(self, owner: Owner) -> None:
+        """`owner` is gone: the allocator reaps its leases and drops its waiters. A holder
+        process's waiters were filed by connections that are still there: each still gets
+        its one reply (the allocator drops them without an event)."""
+        events = self.allocator.disconnect(owner)
+        if owner[0] == "pid":
+            for key in [k for k in self._routes if k[2] == owner]:
+                conn = self._routes.pop(key)
+                conn.pending.discard(key)
+                self._want_files.discard(key)
+                self._tokens.pop(key, None)
+                gone = UnknownLease(f"process {owner[1]} exited before the grant")
+                conn.send(protocol.error(key[1], gone))
+        self.dispatch(events)
 
     def _end_lease(self, lease_id: str, how: str) -> None:
         extras = self.extras.pop(lease_id, None)

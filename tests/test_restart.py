@@ -12,12 +12,15 @@ import select
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from agent_fixture import Agent, gpu_pool, running_agent, wait_until
 
+from rpool_agent.client import Client
 from rpool_agent.errors import PermissionDenied, ProtocolError, ResourceUnavailable
 from rpool_agent.holders import Holder, process_starttime
 
@@ -246,3 +249,32 @@ def test_a_holder_pid_must_belong_to_the_same_user_unless_root(tmp_path: Path) -
     assert server._pid_holder(root, me)[1] == owner
     with pytest.raises(ProtocolError):
         server._pid_holder(mine, True)
+
+
+def test_a_waiter_that_waited_longer_than_reconnect_timeout_still_reconnects(
+    tmp_path: Path,
+) -> None:
+    """reconnect_timeout counts from the lost connection, not from the call: an acquire
+    that had waited longer once gave up at the first failed connect of a restart."""
+    with running_agent(tmp_path, gpu_pool(1)) as agent:
+        holder = Client(agent.socket, reconnect_timeout=3).connect()
+        lease = holder.acquire(gpus=1)
+        got: dict[str, Any] = {}
+
+        def wait() -> None:
+            try:
+                with Client(agent.socket, reconnect_timeout=3) as c:
+                    got["lease"] = c.acquire(gpus=1, label="patient").id
+            except Exception as exc:
+                got["error"] = repr(exc)
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        wait_until(lambda: len(agent.status()["waiters"]) == 1)
+        time.sleep(3.5)  # longer than reconnect_timeout
+        assert agent.stop() == 0
+        agent.restart()
+        holder.release(lease.id)  # re-claims after the restart, then releases
+        waiter.join(15)
+        assert "lease" in got, got.get("error")
+        holder.close()

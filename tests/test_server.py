@@ -278,6 +278,81 @@ def test_a_token_utf8_cannot_hold_still_reclaims_its_lease(tmp_path: Path) -> No
         assert "Traceback" not in agent.log()
 
 
+class Conn:
+    """A raw protocol connection: frames out, frames in (events and replies alike)."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(path)
+        self.sock.settimeout(10)
+        self.file = self.sock.makefile("rb")
+        assert self.call({"id": 0, "op": "hello", "version": 1})["ok"]
+
+    def send(self, msg: dict[str, Any]) -> None:
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+
+    def next(self) -> dict[str, Any]:
+        return json.loads(self.file.readline())
+
+    def call(self, msg: dict[str, Any]) -> dict[str, Any]:
+        self.send(msg)
+        return self.next()
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+def test_a_waiter_for_a_holder_process_gets_its_reply_when_that_process_exits(
+    tmp_path: Path,
+) -> None:
+    """Waiters filed with holder_pid=P belong to P, and the allocator drops them when P
+    exits; the connection that filed them is still there and once got no reply at all."""
+    with running_agent(tmp_path, gpu_pool(2)) as agent:
+        gone = "exited before the grant"
+        # A: P holds a lease (so its exit is watched) and has a second request waiting
+        p = subprocess.Popen(["sleep", "300"])
+        c, other = Conn(agent.socket), Conn(agent.socket)
+        assert c.call({"id": 1, "op": "acquire", "request": {"gpus": 1}, "holder_pid": p.pid})["ok"]
+        assert other.call({"id": 1, "op": "acquire", "request": {"gpus": 1}})["ok"]
+        c.send({"id": 2, "op": "acquire", "request": {"gpus": 1}, "holder_pid": p.pid})
+        assert c.next()["event"] == "queued"
+        p.kill()
+        p.wait()
+        reply = c.next()  # the lease is reaped, and the waiter answered
+        assert (reply["id"], reply["ok"], reply["error"]["code"]) == (2, False, "unknown_lease")
+        assert gone in reply["error"]["message"]
+        # B: Q holds nothing (nothing watches it); two requests wait; Q exits; a GPU frees
+        q = subprocess.Popen(["sleep", "300"])
+        assert c.call({"id": 3, "op": "acquire", "request": {"gpus": 1}})["ok"]  # pool full
+        for rid in (4, 5):
+            c.send({"id": rid, "op": "acquire", "request": {"gpus": 1}, "holder_pid": q.pid})
+            assert c.next()["event"] == "queued"
+        q.kill()
+        q.wait()
+        other.close()  # frees a GPU: the grant to Q finds it gone; both get their reply
+        replies = {r["id"]: r for r in (c.next(), c.next())}
+        assert sorted(replies) == [4, 5]
+        assert all(gone in r["error"]["message"] for r in replies.values())
+        assert agent.status()["waiters"] == []
+        c.close()
+
+
+def test_a_cancelled_request_leaves_no_wish_for_files_behind(tmp_path: Path) -> None:
+    with running_agent(tmp_path, gpu_pool(1)) as agent, agent.client() as holder:
+        held = holder.acquire(gpus=1)
+        c = Conn(agent.socket)
+        c.send({"id": 7, "op": "acquire", "request": {"gpus": 1}, "files": True})
+        assert c.next()["event"] == "queued"
+        assert c.call({"id": 8, "op": "cancel", "request_id": 7})["result"] == {"cancelled": True}
+        c.send({"id": 7, "op": "acquire", "request": {"gpus": 1}})  # the same id, no files
+        assert c.next()["event"] == "queued"
+        held.release()
+        grant = c.next()
+        assert grant["ok"] and "files" not in grant["result"]
+        c.close()
+
+
 def test_oversized_message_closes_the_connection_only(tmp_path: Path) -> None:
     with running_agent(tmp_path) as agent:
         replies = raw_exchange(agent.socket, HELLO + b"x" * (70 * 1024))
