@@ -59,6 +59,9 @@ class Limits:
     max_pending_per_connection: int = 16
     max_connections_per_uid: int = 64
     handshake_timeout: float = 10.0
+    # Replies one connection may have queued before the rest of its read waits: 64 KiB of
+    # pipelined `status` calls would otherwise queue thousands of large replies at once.
+    max_reply_backlog: int = 256 << 10
 
 
 @dataclass(slots=True)
@@ -82,6 +85,9 @@ class Connection(asyncio.BufferedProtocol):
     pending: set[Any] = field(default_factory=set)  # allocator request keys still queued
     _buffer: bytearray = field(default_factory=lambda: bytearray(65536))
     _out: list[bytes] = field(default_factory=list)  # frames queued this loop turn
+    _out_bytes: int = 0  # their size
+    _backlog: tuple[list[Any], Any] | None = None  # (frames, too_large) held back
+    _writing_paused: bool = False  # the transport's buffer is over its high-water mark
     _view: memoryview | None = None  # of _buffer, made once
     holder_json: str | None = None  # `peer` as a grant's JSON, made once
     _handshake_timer: asyncio.TimerHandle | None = None
@@ -132,14 +138,41 @@ class Connection(asyncio.BufferedProtocol):
             frames = self.decoder.feed(self._buffer[:nbytes])  # a bytearray: one copy
         except MessageTooLarge as exc:  # the frames before it are answered, then we close
             frames, too_large = getattr(exc, "frames", []), exc
+        self._handle_frames(frames, too_large)
+
+    def _handle_frames(self, frames: list[Any], too_large: MessageTooLarge | None) -> None:
         # 2) + 3) each frame to the core, events out to their connections
-        for frame in frames:
+        limit = self.server.limits.max_reply_backlog
+        for i, frame in enumerate(frames):
             if self.transport is None or self.transport.is_closing():
                 return
             self.server.handle_frame(self, frame)
+            if self._out_bytes > limit and (i + 1 < len(frames) or too_large is not None):
+                # Replies pile up faster than they leave: the rest of this read waits,
+                # and reading stops, until the replies are on their way (_resume_backlog).
+                self._backlog = (frames[i + 1 :], too_large)
+                self.transport.pause_reading()
+                return
         if too_large is not None:
             self.send(protocol.error(None, too_large))
             self.close()
+
+    def _resume_backlog(self) -> None:
+        """Handle the frames a full reply queue held back, then read again."""
+        backlog, self._backlog = self._backlog, None
+        transport = self.transport
+        if backlog is None or transport is None or transport.is_closing():
+            return
+        server = self.server
+        server._in_read = True
+        try:
+            self._handle_frames(*backlog)
+        finally:
+            server._in_read = False
+            if (server._outbox or server._turn_end) and not server._turn_end_scheduled:
+                server._read_done()
+        if self._backlog is None and not self._writing_paused and not transport.is_closing():
+            transport.resume_reading()
 
     def eof_received(self) -> bool:
         return False  # close our side too; connection_lost follows
@@ -147,11 +180,15 @@ class Connection(asyncio.BufferedProtocol):
     # A peer that sends calls but never reads the replies would grow our write buffer
     # without bound: stop reading from it until it catches up (asyncio's flow control).
     def pause_writing(self) -> None:
+        self._writing_paused = True
         if self.transport is not None and not self.transport.is_closing():
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+        self._writing_paused = False
+        if self._backlog is not None:
+            self._resume_backlog()  # it reads again once the backlog is handled
+        elif self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -160,6 +197,8 @@ class Connection(asyncio.BufferedProtocol):
         self.server.forget(self)
         self.transport = None
         self._out.clear()
+        self._out_bytes = 0
+        self._backlog = None
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -173,18 +212,26 @@ class Connection(asyncio.BufferedProtocol):
         if self.transport is not None and not self.transport.is_closing():
             out = self._out
             out.append(data)
+            self._out_bytes += len(data)
             if len(out) == 1:
                 self.server._queue_output(self)
 
     def flush(self) -> None:
         """Write what is queued for this connection now (journal first)."""
         out = self._out
-        if out and self.transport is not None and not self.transport.is_closing():
+        transport = self.transport
+        if out and transport is not None and not transport.is_closing():
             state = self.server.state
             if state is not None and state.pending:
                 state.flush()
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            transport.write(out[0] if len(out) == 1 else b"".join(out))  # may pause_writing
+            if self._backlog is not None and not self._writing_paused:
+                # all of it went to the socket at once: nothing will call resume_writing
+                loop = self.server._running_loop()
+                if loop is not None:
+                    loop.call_soon(self._resume_backlog)
         out.clear()
+        self._out_bytes = 0
 
     def close(self) -> None:
         if self.transport is not None:

@@ -353,6 +353,40 @@ def test_a_cancelled_request_leaves_no_wish_for_files_behind(tmp_path: Path) -> 
         c.close()
 
 
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_replies_a_client_does_not_read_stay_bounded_and_all_arrive_in_order(
+    tmp_path: Path,
+) -> None:
+    """64 KiB of pipelined `status` calls, each answered with ~30 KB, once queued every
+    reply of the read at once (~120 MB per connection, 64 connections per uid allowed).
+    Now the rest of a read waits while a connection's replies exceed 256 KiB."""
+    calls = b"".join(b'{"id":%d,"op":"status"}\n' % i for i in range(1, 3001))
+    with running_agent(tmp_path, gpu_pool(2, n_cpus=64)) as agent, agent.client() as c:
+        for _ in range(60):  # status lists every lease: make its reply large
+            c.acquire(cpus=1, label="L" * 250)
+        before = _rss_kib(agent.proc.pid)
+        silent = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(4)]
+        for s in silent:
+            s.connect(agent.socket)
+            s.sendall(HELLO + calls)  # and never read
+        time.sleep(1.0)
+        assert agent.status()["connections"] >= 5  # the others are served meanwhile
+        grew = _rss_kib(agent.proc.pid) - before
+        assert grew < 40_000, f"{grew} KiB for 4 connections that do not read"
+        reader = Conn(agent.socket)  # the same calls, read slowly: every reply, in order
+        reader.sock.sendall(calls)
+        time.sleep(0.5)
+        ids = [reader.next()["id"] for _ in range(3000)]
+        assert ids == list(range(1, 3001))
+        reader.close()
+        for s in silent:
+            s.close()
+
+
 def test_oversized_message_closes_the_connection_only(tmp_path: Path) -> None:
     with running_agent(tmp_path) as agent:
         replies = raw_exchange(agent.socket, HELLO + b"x" * (70 * 1024))
