@@ -76,6 +76,17 @@ def validate(
             typer.echo(f"{file}: ... and {len(checked.errors) - _MAX_SHOWN} more", err=True)
         raise typer.Exit(1)
     typer.echo(f"{file}: valid {checked.format} pool: {checked.pool.summary()}")
+    if checked.format == "ctest":
+        from pathlib import Path
+
+        from .formats.ctest import ctest_reads
+
+        if not ctest_reads(Path(file).read_text(encoding="utf-8-sig", errors="replace")):
+            typer.echo(
+                f"{file}: note: the seed's YAML shape of a CTest spec; ctest itself reads only "
+                "JSON with 'version' and 'local' a list (convert --to ctest writes that)",
+                err=True,
+            )
 
 
 @app.command()

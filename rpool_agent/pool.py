@@ -28,8 +28,9 @@ if TYPE_CHECKING:
     from typing import Any
 
 #: CTest's rules (Help/manual/ctest.1.rst): type names and ids it accepts.
-TYPE_NAME_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
-INSTANCE_ID_RE = re.compile(r"^[a-z0-9_]+$")
+#: `\Z`, not `$`: Python's `$` also matches before a final newline, which CTest refuses.
+TYPE_NAME_RE = re.compile(r"^[a-z_][a-z0-9_]*\Z")
+INSTANCE_ID_RE = re.compile(r"^[a-z0-9_]+\Z")
 MAX_SLOTS = 4294967295
 
 

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -169,6 +170,57 @@ def test_real_ctest_reads_the_spec_we_write_and_rejects_what_we_reject(
     assert run.returncode == 8
     assert "Could not read/parse resource spec file" in run.stdout + run.stderr
     assert not env_out.exists()
+
+
+@pytest.mark.parametrize(
+    ("local", "version", "ctest_reads"),
+    [
+        ([{"gpus": [{"id": "0\n"}]}], {"major": 1, "minor": 0}, False),  # `$` let it through
+        ([{"gpu\n": [{"id": "0"}]}], {"major": 1, "minor": 0}, True),  # ctest drops the type
+        ([{"gpus": [{"id": "0"}]}], {"major": 1.0, "minor": 0.0}, True),  # we refused 1.0
+        ([{"gpus": [{"id": "0", "slots": 2.0}]}], {"major": 1, "minor": 0}, True),
+        ([{"gpus": [{"id": "0", "slots": 2.5}]}], {"major": 1, "minor": 0}, False),
+    ],
+)
+def test_validate_agrees_with_the_real_ctest_on_edge_specs(
+    tmp_path: Path, local: list[Any], version: dict[str, Any], ctest_reads: bool
+) -> None:
+    """ctest reading a spec means it is well-formed to ctest; `validate` must not call
+    one valid that ctest refuses. (A type name ctest drops silently, we refuse: the
+    reference says a validator should.)"""
+    ctest = ctest_or_skip()
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"version": version, "local": local}))
+    (tmp_path / "CTestTestfile.cmake").write_text(f'add_test(t "{shutil.which("true")}")\n')
+    run = run_ctest(ctest, spec)
+    assert (run.returncode != 8) == ctest_reads, run.stdout + run.stderr
+    ours = cli("validate", spec).returncode == 0
+    dropped_type = any(not name.isidentifier() for group in local for name in group)
+    assert ours == (ctest_reads and not dropped_type)
+
+
+def test_the_seeds_yaml_shape_of_a_spec_is_valid_to_us_with_a_note_ctest_cannot_read_it(
+    tmp_path: Path,
+) -> None:
+    ctest = ctest_or_skip()
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("local:\n  gpus:\n  - {id: '0'}\n")  # the seed's shape: no version
+    done = cli("validate", spec)
+    assert done.returncode == 0 and "valid ctest pool" in done.stdout
+    assert "ctest itself reads only JSON" in done.stderr
+    (tmp_path / "CTestTestfile.cmake").write_text(f'add_test(t "{shutil.which("true")}")\n')
+    assert run_ctest(ctest, spec).returncode == 8  # as the note says
+    spec.write_text(cli("convert", spec, "--to", "ctest").stdout)  # what the note advises
+    assert cli("validate", spec).stderr == "" and run_ctest(ctest, spec).returncode == 0
+
+
+def test_nesting_that_would_crash_the_yaml_loader_is_one_line(tmp_path: Path) -> None:
+    """PyYAML's C loader overflows the C stack (SIGSEGV, no message) past ~20,000 levels."""
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 60_000 + "]" * 60_000 + "\n")
+    done = cli("validate", deep)
+    assert done.returncode == 1
+    assert done.stderr == f"{deep}: nested more than 1000 deep\n"
 
 
 def test_help_on_both_commands() -> None:

@@ -138,6 +138,8 @@ def _load_text(text: str, source: str | None) -> Any:
 
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
+        if len(text) > _DEEP_ENOUGH_TO_CRASH:
+            _check_depth(yaml.parse(text, Loader=loader), source)
         return yaml.load(text, Loader=loader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -147,8 +149,33 @@ def _load_text(text: str, source: str | None) -> Any:
         if json_error:
             what = f"not valid JSON ({json_error}) nor YAML ({problem}{at})"
         raise PoolFormatError(what, source=source) from None
+    except PoolFormatError:  # said precisely already (the depth check)
+        raise
     except (ValueError, RecursionError) as exc:  # e.g. `2024-13-01` is no date
         raise PoolFormatError(f"not valid YAML ({exc})", source=source) from None
+
+
+#: PyYAML's C loader builds nodes recursively and overflows the C stack (SIGSEGV, no
+#: message) somewhere past 20,000 levels; a text this short cannot nest that deep.
+_DEEP_ENOUGH_TO_CRASH = 20_000
+_MAX_DEPTH = 1_000  # a pool document nests about 6 deep
+
+
+def _check_depth(events: Any, source: str | None) -> None:
+    """Refuse deep nesting from the parser's events (iterative, so it cannot overflow)
+    before the loader builds anything; about a third of the load's own time."""
+    import yaml
+
+    opens = (yaml.SequenceStartEvent, yaml.MappingStartEvent)
+    closes = (yaml.SequenceEndEvent, yaml.MappingEndEvent)
+    depth = 0
+    for event in events:
+        if isinstance(event, opens):
+            depth += 1
+            if depth > _MAX_DEPTH:
+                raise PoolFormatError(f"nested more than {_MAX_DEPTH} deep", source=source)
+        elif isinstance(event, closes):
+            depth -= 1
 
 
 def check_text(text: str, *, format: str = "auto", source: str | None = None) -> Checked:

@@ -68,12 +68,26 @@ def _check_version(problems: Problems, doc: Mapping[Any, Any], where: str) -> No
         value = version.get(part)
         if part not in version:
             problems.add(f"missing '{part}'", here)
-        elif isinstance(value, bool) or not isinstance(value, int):
+        elif isinstance(value, bool) or not (
+            isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        ):  # ctest (jsoncpp's isInt) takes 1.0 for 1
             problems.add(f"must be an integer, not {kind(value)} {value!r}", at(here, part))
         elif value != VERSION[part]:
             problems.add(
                 f"unsupported version {part} {value} (ctest reads exactly 1.0)", at(here, part)
             )
+
+
+def ctest_reads(text: str) -> bool:
+    """Whether ctest itself can read this text: JSON with `version` and `local` a list.
+    The seed's YAML shape is a valid pool to us, not to ctest (`validate` says so)."""
+    import json
+
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(doc, dict) and "version" in doc and isinstance(doc.get("local"), list)
 
 
 def write(pool: Pool) -> tuple[dict[str, Any], list[str]]:

@@ -92,13 +92,18 @@ class Problems:
                 self.add(f"unknown key {key!r} (allowed: {', '.join(allowed)})", where)
 
 
+def _shown(pattern: Any) -> str:
+    """A rule as CTest's manual writes it (`$`, where the code needs `\\Z`)."""
+    return str(pattern.pattern).replace("\\Z", "$")
+
+
 def check_type_name(problems: Problems, name: Any, where: str) -> bool:
     if not isinstance(name, str):
         problems.add(f"resource type name must be a string, not {kind(name)} {name!r}", where)
         return False
     if not TYPE_NAME_RE.match(name):
         problems.add(
-            f"resource type name {name!r} must match {TYPE_NAME_RE.pattern} "
+            f"resource type name {name!r} must match {_shown(TYPE_NAME_RE)} "
             "(lower-case letters, digits, '_'; CTest silently drops other names)",
             where,
         )
@@ -120,7 +125,7 @@ def check_id(problems: Problems, rid: Any, where: str, *, allow_int: bool) -> st
         return None
     if not INSTANCE_ID_RE.match(rid):
         problems.add(
-            f"id {rid!r} must match {INSTANCE_ID_RE.pattern} "
+            f"id {rid!r} must match {_shown(INSTANCE_ID_RE)} "
             "(lower-case letters, digits, '_': CTest rejects anything else)",
             where,
         )
