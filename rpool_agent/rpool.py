@@ -495,7 +495,10 @@ def _instances(insts: Any, where: str) -> ResourceSpec:
 
 
 def _flatten(pool: Pool) -> tuple[dict[str, ResourceSpec], dict[str, Any]]:
-    """A one-node `Pool` as flat `(resources, additional_properties)`; properties are dropped."""
+    """A one-node `Pool` as flat `(resources, additional_properties)`; properties are dropped.
+    No node at all (a CTest spec's `local: []`) is an empty pool."""
+    if not pool.nodes:
+        return {}, copy.deepcopy(pool.additional_properties)
     node = pool.local
     resources = {t: [inst.to_seed() for inst in insts] for t, insts in node.resources.items()}
     return resources, copy.deepcopy(pool.additional_properties)

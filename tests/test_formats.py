@@ -96,6 +96,18 @@ def test_ctest_output_notes_what_it_dropped() -> None:
     assert "node additional_properties (rack)" in text
 
 
+def test_ctest_never_writes_an_instance_with_0_slots_and_refuses_reading_one() -> None:
+    """ctest reads `slots: 0`, but such an id can never be given out: its manual (and
+    the reference) say an emitter must not write one and a validator should refuse it."""
+    pool = Pool.single({"gpus": [Instance("0", 0), Instance("1", 1)]})
+    doc, notes = formats.to_document(pool, "ctest")
+    assert doc["local"][0]["gpus"] == [{"id": "1", "slots": 1}]
+    assert "dropped 1 instance(s) with 0 slots (gpus:0)" in notes
+    zero = {**doc, "local": [{"gpus": [{"id": "0", "slots": 0}]}]}
+    checked = formats.check_text(json.dumps(zero))
+    assert [(e.where, "slots 0" in e.what) for e in checked.errors] == [("local[0].gpus[0]", True)]
+
+
 def test_dumps_ctest_is_json_and_canary_is_yaml_with_string_ids() -> None:
     pool = model()
     spec = json.loads(formats.dumps(pool, "ctest"))

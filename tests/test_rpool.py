@@ -413,6 +413,14 @@ def test_make_resource_pool_from_mappings_and_objects(config: Any) -> None:
     assert FLAT["resources"]["gpus"][0]["slots"] == 2
 
 
+def test_make_resource_pool_from_an_empty_ctest_spec(tmp_path: Path) -> None:
+    """`local: []` is a spec ctest reads; it once failed with "expected exactly one node"."""
+    path = tmp_path / "spec.json"
+    path.write_text('{"version": {"major": 1, "minor": 0}, "local": []}')
+    pool = make_resource_pool(str(path))
+    assert pool.count("gpus") == 0 and not pool.accommodates([{"type": "gpus", "slots": 1}])
+
+
 def test_make_resource_pool_shorthand_and_defaults() -> None:
     assert make_resource_pool({"resource_pool": {"cpus": 3}}).slots_per_resource_type == {
         "cpus": 3,

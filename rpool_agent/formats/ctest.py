@@ -51,6 +51,13 @@ def read(doc: Mapping[Any, Any], problems: Problems, where: str = "") -> Pool:
             problems.add(f"must be a mapping of resource types, not {kind(group)}", here)
             continue
         resources = read_resources(problems, group, here, allowed=None, allow_int_ids=False)
+        for rtype, instances in resources.items():
+            for n, inst in enumerate(instances):
+                if inst.slots == 0:  # ctest reads it; its manual and our reference do not
+                    problems.add(
+                        "slots 0: an id ctest can never give out (leave it out)",
+                        at(at(here, rtype), n),
+                    )
         pool = Pool.single(resources)
     return pool
 
@@ -118,8 +125,14 @@ def write(pool: Pool) -> tuple[dict[str, Any], list[str]]:
                     f"dropped properties of {len(described)} {rtype} instance"
                     f"{'s' if len(described) > 1 else ''} ({', '.join(keys)})"
                 )
+        empty = [f"{t}:{i.id}" for t, insts in node.resources.items() for i in insts if not i.slots]
+        if empty:
+            notes.append(f"dropped {len(empty)} instance(s) with 0 slots ({', '.join(empty)})")
         local.append(
-            {rtype: [i.to_seed() for i in insts] for rtype, insts in node.resources.items()}
+            {
+                rtype: [i.to_seed() for i in insts if i.slots]
+                for rtype, insts in node.resources.items()
+            }
         )
     return {"version": dict(VERSION), "local": local}, notes
 
