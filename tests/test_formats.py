@@ -129,6 +129,16 @@ def test_node_form_gpus_get_canarys_vendor() -> None:
     assert doc["resource_pool"]["allow_multinode"] is False
 
 
+def test_node_form_says_nvidia_only_for_nvml_uuids() -> None:
+    """canary >= 26.9 sets CUDA_VISIBLE_DEVICES for `vendor: NVIDIA` GPUs; a GPU whose
+    uuid is not NVML's (`GPU-`/`MIG-`) must not be labelled NVIDIA on the way."""
+    gpus = [Instance("0", 1, {"uuid": "GPU-1234"}), Instance("1", 1, {"uuid": "58a7-amd"})]
+    pool = Pool.single({"gpus": gpus, "cpus": [Instance("0", 1)]})
+    doc, _ = formats.to_document(pool, "canary-nodes")
+    props = [g["properties"] for g in doc["resource_pool"]["nodes"][0]["resources"]["gpus"]]
+    assert props == [{"vendor": "NVIDIA", "uuid": "GPU-1234"}, {"uuid": "58a7-amd"}]
+
+
 def test_node_form_output_passes_canarys_own_schema() -> None:
     schemas = pytest.importorskip("_canary.resource_pool.schemas")
     rpool = pytest.importorskip("_canary.resource_pool.rpool")

@@ -109,7 +109,13 @@ def _read_node(problems: Problems, doc: Any, where: str) -> Node | None:
 def _instance(rtype: str, inst: Instance) -> dict[str, Any]:
     doc: dict[str, Any] = {"id": inst.id, "slots": inst.slots}
     props = copy_data(inst.properties)
-    if rtype == "gpus" and "uuid" in props and "vendor" not in props:
+    uuid = props.get("uuid")
+    if (
+        rtype == "gpus"
+        and "vendor" not in props
+        and isinstance(uuid, str)
+        and uuid.startswith(("GPU-", "MIG-"))  # NVML's UUID forms; other vendors' differ
+    ):
         props["vendor"] = "NVIDIA"  # what canary's own detection writes for an NVIDIA GPU
     if props:
         first = {k: props.pop(k) for k in GPU_KEYS if k in props} if rtype == "gpus" else {}
