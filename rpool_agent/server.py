@@ -47,6 +47,7 @@ from .holders import Holder, open_pidfd, peer_credentials, process_starttime, pr
 from .pool import Pool
 from .protocol import json_str
 from .requests import parse_request
+from .state import grant_line_of, holder_json
 
 Owner = tuple[Any, ...]
 
@@ -127,9 +128,7 @@ class Connection(asyncio.BufferedProtocol):
         try:
             self._handle_bytes(nbytes)
         finally:
-            server._in_read = False
-            if (server._outbox or server._turn_end) and not server._turn_end_scheduled:
-                server._read_done()
+            server._read_finished()
 
     def _handle_bytes(self, nbytes: int) -> None:
         # 1) bytes into the codec
@@ -168,9 +167,7 @@ class Connection(asyncio.BufferedProtocol):
         try:
             self._handle_frames(*backlog)
         finally:
-            server._in_read = False
-            if (server._outbox or server._turn_end) and not server._turn_end_scheduled:
-                server._read_done()
+            server._read_finished()
         if self._backlog is None and not self._writing_paused and not transport.is_closing():
             transport.resume_reading()
 
@@ -676,14 +673,11 @@ class Server:
             owner_json = ",".join(json_str(x) if type(x) is str else str(x) for x in owner)
         else:
             return None
-        holder_json = conn.holder_json if conn is not None and h is conn.peer else None
-        if holder_json is None:
-            holder_json = (
-                f'{{"pid":{int(h.pid)},"uid":{int(h.uid)},"gid":{int(h.gid)},'
-                f'"starttime":{"null" if start is None else start}}}'
-            )
+        holder = conn.holder_json if conn is not None and h is conn.peer else None
+        if holder is None:
+            holder = holder_json(h)
             if conn is not None and h is conn.peer:
-                conn.holder_json = holder_json
+                conn.holder_json = holder
         lid = json_str(lease.id)
         label = "null" if lease.label is None else json_str(lease.label)
         resources = protocol.held_json(lease.held)
@@ -703,16 +697,14 @@ class Server:
             f'{{"id":{protocol.id_json(rid)},"ok":true,"result":{{"id":{lid},"label":{label},'
             f'"resources":{resources},"groups":{groups_obj},"request":{request},'
             f'"properties":{protocol.json_value(props) if props else "{}"},'
-            f'"holder":{holder_json},"token":{token}}}}}\n'
+            f'"holder":{holder},"token":{token}}}}}\n'
         )
         try:
             reply = text.encode()
         except UnicodeEncodeError:  # a lone surrogate in a label or token
             return None
-        line = (
-            f'{{"grant":{{"id":{lid},"owner":[{owner_json}],"request":{request},'
-            f'"groups":{groups_list},"resources":{resources},"label":{label},'
-            f'"holder":{holder_json},"granted_at":{granted_at!r},"token":{token}}}}}'
+        line = grant_line_of(
+            lid, owner_json, request, groups_list, resources, label, holder, granted_at, token
         )
         return reply, line
 
@@ -897,6 +889,12 @@ class Server:
             return asyncio.get_running_loop()
         except RuntimeError:
             return None
+
+    def _read_finished(self) -> None:
+        """A read (or a held-back part of one) is handled: end the turn if it left work."""
+        self._in_read = False
+        if (self._outbox or self._turn_end) and not self._turn_end_scheduled:
+            self._read_done()
 
     def _read_done(self) -> None:
         """A read's calls are handled and left turn-end work. When no other callback is

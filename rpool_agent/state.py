@@ -159,15 +159,45 @@ def grant_line(lease: Any, extras: Any) -> str:
         or not all(type(x) is str or type(x) is int for x in owner)
     ):
         return _encode({"grant": lease_record(lease, extras)})
-    owner_json = ",".join(json_str(x) if type(x) is str else str(x) for x in owner)
+    return grant_line_of(
+        json_str(lease.id),
+        ",".join(json_str(x) if type(x) is str else str(x) for x in owner),
+        wire_json(lease.request),
+        slice_groups_json(lease.groups, as_objects=False),
+        held_json(lease.held),
+        opt_str_json(lease.label),
+        holder_json(h),
+        lease.granted_at,
+        json_str(extras.token),
+    )
+
+
+def holder_json(h: Any) -> str:
+    """A holder as its journal line and the grant reply write it."""
+    start = h.starttime
     return (
-        f'{{"grant":{{"id":{json_str(lease.id)},"owner":[{owner_json}],'
-        f'"request":{wire_json(lease.request)},'
-        f'"groups":{slice_groups_json(lease.groups, as_objects=False)},'
-        f'"resources":{held_json(lease.held)},"label":{opt_str_json(lease.label)},'
-        f'"holder":{{"pid":{int(h.pid)},"uid":{int(h.uid)},"gid":{int(h.gid)},'
-        f'"starttime":{"null" if start is None else start}}},'
-        f'"granted_at":{lease.granted_at!r},"token":{json_str(extras.token)}}}}}'
+        f'{{"pid":{int(h.pid)},"uid":{int(h.uid)},"gid":{int(h.gid)},'
+        f'"starttime":{"null" if start is None else start}}}'
+    )
+
+
+def grant_line_of(
+    lid: str,
+    owner: str,
+    request: str,
+    groups: str,
+    resources: str,
+    label: str,
+    holder: str,
+    granted_at: float,
+    token: str,
+) -> str:
+    """The grant line from its pieces, each already JSON (the server's hot path builds
+    them once for the line and the reply; `grant_line` builds them from a lease)."""
+    return (
+        f'{{"grant":{{"id":{lid},"owner":[{owner}],"request":{request},"groups":{groups},'
+        f'"resources":{resources},"label":{label},"holder":{holder},'
+        f'"granted_at":{granted_at!r},"token":{token}}}}}'
     )
 
 
