@@ -358,14 +358,33 @@ def model_and_vendor(root: Root | str = "/") -> tuple[str | None, str | None]:
     about a second. x86 says `model name` and `vendor_id` in the first record; arm64 has a
     `CPU implementer` code; POWER says `cpu`; s390 `vendor_id`.
     """
+    return _model_and_vendor(_cpuinfo_head(as_root(root)))
+
+
+def threads_are_cores(root: Root | str = "/") -> bool:
+    """True on AMD family 21 (Bulldozer, Piledriver...): the kernel shows each compute
+    unit's two threads as siblings, but each is a core of its own (integer units, L1)."""
+    return _threads_are_cores(_cpuinfo_head(as_root(root)))
+
+
+def _cpuinfo_head(r: Root) -> dict[str, str]:
+    """The first record's fields that the functions above need (the others repeat them)."""
     fields: dict[str, str] = {}
-    for line in as_root(root).lines("proc/cpuinfo"):
+    for line in r.lines("proc/cpuinfo"):
         key, sep, value = line.partition(":")
         key, value = key.strip(), value.strip()
-        if sep and key in (*_MODEL_KEYS, *_VENDOR_KEYS) and value:
+        if sep and key in (*_MODEL_KEYS, *_VENDOR_KEYS, "cpu family") and value:
             fields.setdefault(key, value)
         if not key and fields.get("model name") and fields.get("vendor_id"):
             break  # x86: the first record has both; the other records repeat them
+    return fields
+
+
+def _threads_are_cores(fields: dict[str, str]) -> bool:
+    return fields.get("vendor_id") == "AuthenticAMD" and fields.get("cpu family") == "21"
+
+
+def _model_and_vendor(fields: dict[str, str]) -> tuple[str | None, str | None]:
     model = next((fields[k] for k in _MODEL_KEYS if k in fields), None)
     vendor = next((fields[k] for k in _VENDOR_KEYS if k in fields), None)
     if vendor is not None and vendor.lower() in _ARM_IMPLEMENTERS:
@@ -382,7 +401,11 @@ def probe_cpus(root: Root | str = "/") -> CpuTopology:
     present = present_cpus(r)
     cores, packages, source = cores_and_packages(r, online)
     aff, cpuset = affinity(r), cgroup_cpuset(r)
-    model, vendor = model_and_vendor(r)
+    head = _cpuinfo_head(r)
+    model, vendor = _model_and_vendor(head)
+    if _threads_are_cores(head):  # hardware.md: on AMD family 21 each thread is a core
+        cores = tuple(Core((t,), c.package, c.core_id) for c in cores for t in c.cpus)
+        source += " (AMD family 21: each thread a core)"
     on = set(online)
     return CpuTopology(
         online=online,

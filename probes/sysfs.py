@@ -80,7 +80,10 @@ class Root:
         except OSError:  # missing is a normal answer here; the `with` below closes it
             return
         with f:
-            yield from f
+            try:
+                yield from f
+            except OSError:  # opened but unreadable (EIO...): what was read is all, as read()
+                return
 
     def read_int(self, rel: str) -> int | None:
         """An integer file (`core_id`, `numa_node`...), or None if missing or not a number."""

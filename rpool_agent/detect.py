@@ -104,9 +104,9 @@ def hostname(root: Root) -> str:
 
 
 def _root(root: str | os.PathLike[str] | Root) -> Root:
-    from .probes.sysfs import Root
+    from .probes.sysfs import as_root
 
-    r = root if isinstance(root, Root) else Root(root)
+    r = as_root(root)  # "" is "/", as for the GPU probe (it once read "." for CPUs)
     if not os.path.isdir(r.dir):
         raise ProbeError(f"system root {str(r)!r} is not a directory")
     return r

@@ -122,6 +122,41 @@ def test_cpuinfo_fallback_without_topology_files(trees: Path, tmp_path: Path) ->
     assert t.cores[0].cpus == (0, 8)
 
 
+def test_amd_family_21_threads_are_cores(trees: Path, tmp_path: Path) -> None:
+    """Bulldozer's kernel shows a compute unit's two threads as siblings; hardware.md:
+    each is a core of its own. The same tree as Intel keeps its 8 two-thread cores."""
+    root = tmp_path / "bulldozer"
+    shutil.copytree(trees / "two_socket_ht", root)
+    info = root / "proc/cpuinfo"
+    text = info.read_text().replace("GenuineIntel", "AuthenticAMD")
+    info.write_text(text.replace("cpu family\t: 6", "cpu family\t: 21"))
+    t = cpu.probe_cpus(root)
+    assert len(t.cores) == 16 and all(len(c.cpus) == 1 for c in t.cores)
+    assert len(t.packages) == 2 and [c.package for c in t.cores].count(0) == 8
+    assert t.core_source == "core_cpus_list (AMD family 21: each thread a core)"
+    assert len(cpu.probe_cpus(trees / "two_socket_ht").cores) == 8
+
+
+def test_a_file_that_opens_but_cannot_be_read_is_a_missing_one(trees: Path, tmp_path: Path) -> None:
+    """/proc/self/mem opens, and reading it at offset 0 fails with EIO: a real file of
+    that kind (no mock). `lines()` once let the error through as a traceback."""
+    root = tmp_path / "eio"
+    shutil.copytree(trees / "two_socket_ht", root)
+    (root / "proc/cpuinfo").unlink()
+    (root / "proc/cpuinfo").symlink_to("/proc/self/mem")
+    t = cpu.probe_cpus(root)
+    assert (t.model_name, t.vendor) == (None, None) and len(t.cores) == 8
+
+
+def test_empty_sysroot_is_the_live_root_for_cpus_as_for_gpus(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rpool_agent.detect import topology_report
+
+    monkeypatch.chdir(tmp_path)  # "" once meant "." here, and "/" for the GPU probe
+    assert topology_report("")["allowed_pus"] == topology_report("/")["allowed_pus"] > 0
+
+
 def test_online_from_proc_stat_without_sys(tmp_path: Path) -> None:
     (tmp_path / "proc").mkdir()
     (tmp_path / "proc/stat").write_text("cpu  1 2 3\ncpu0 1 2 3\ncpu2 1 2 3\nintr 5\n")
