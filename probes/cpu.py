@@ -178,8 +178,9 @@ def cores_and_packages(
             for c in members or threads:
                 package_of[c] = members or threads
     missing = [c for c in online if c not in core_of]
+    cpuinfo_ids: dict[int, int | None] = {}  # `physical id` of the CPUs cpuinfo grouped
     if missing:
-        fallback = _fallback_groups(r, missing, core_of, package_of)
+        fallback = _fallback_groups(r, missing, core_of, package_of, cpuinfo_ids)
         source = source or fallback
     packages = sorted(set(package_of.values()), key=lambda p: p[0])
     index = {p: i for i, p in enumerate(packages)}
@@ -187,7 +188,9 @@ def cores_and_packages(
         Core(threads, index[package_of[threads[0]]], core_id(r, threads[0]))
         for threads in sorted(set(core_of.values()), key=lambda t: t[0])
     )
-    return cores, tuple(Package(p, package_id(r, p[0])) for p in packages), source
+    ids = [package_id(r, p[0]) for p in packages]
+    ids = [cpuinfo_ids.get(p[0]) if i is None else i for i, p in zip(ids, packages, strict=True)]
+    return cores, tuple(Package(p, i) for p, i in zip(packages, ids, strict=True)), source
 
 
 def _fallback_groups(
@@ -195,6 +198,7 @@ def _fallback_groups(
     cpus: list[int],
     core_of: dict[int, tuple[int, ...]],
     package_of: dict[int, tuple[int, ...]],
+    physical_ids: dict[int, int | None],
 ) -> str:
     """Cores and packages for CPUs without topology files, from /proc/cpuinfo's
     (`physical id`, `core id`); a CPU it does not describe is its own core in package 0.
@@ -204,6 +208,7 @@ def _fallback_groups(
     package_groups: dict[object, list[int]] = {}
     for c in cpus:
         phys, core = info.get(c, (None, None))
+        physical_ids[c] = phys
         core_groups.setdefault((phys, core) if core is not None else ("cpu", c), []).append(c)
         package_groups.setdefault(phys, []).append(c)
     for groups, into in ((core_groups, core_of), (package_groups, package_of)):

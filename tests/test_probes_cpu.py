@@ -120,6 +120,7 @@ def test_cpuinfo_fallback_without_topology_files(trees: Path, tmp_path: Path) ->
     assert t.core_source == "cpuinfo"
     assert len(t.cores) == 8 and len(t.packages) == 2
     assert t.cores[0].cpus == (0, 8)
+    assert [p.physical_id for p in t.packages] == [0, 1]  # cpuinfo's `physical id`
 
 
 def test_amd_family_21_threads_are_cores(trees: Path, tmp_path: Path) -> None:
