@@ -300,17 +300,6 @@ def id_json(rid: Any) -> str:
     return json_value(rid)
 
 
-def flat_json(d: Any) -> str:
-    """A flat dict of str keys to str/int/None values (a holder), as `encode` writes it."""
-    parts = []
-    for k, v in d.items():
-        kind = type(v)
-        if type(k) is not str or not (kind is int or kind is str or v is None):
-            return json_value(d)
-        parts.append(f"{json_str(k)}:{json_str(v) if kind is str else 'null' if v is None else v}")
-    return "{" + ",".join(parts) + "}"
-
-
 def ok_json(rid: Any, result_json: str) -> bytes:
     """`encode(ok(rid, result))` for a result already in JSON (ASCII or valid UTF-8)."""
     return f'{{"id":{id_json(rid)},"ok":true,"result":{result_json}}}\n'.encode()

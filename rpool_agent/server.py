@@ -645,7 +645,7 @@ class Server:
         if texts is None:  # an unusual lease: the general encoders
             self._changed(lease.id)
             if conn is not None:
-                conn.send_bytes(self._grant_reply(req_id[1], lease, extras.token))
+                conn.send(protocol.ok(req_id[1], self.lease_document(lease, with_token=True)))
             return
         reply, line = texts
         if self.state is not None:
@@ -659,8 +659,9 @@ class Server:
         self, rid: Any, lease: Lease, extras: LeaseExtras, conn: Connection | None
     ) -> tuple[bytes, str] | None:
         """(the grant reply, its journal line), from ONE set of pre-encoded pieces: the
-        bytes `_grant_reply` and `state.grant_line` would give (tests/test_lease_json.py),
-        at half their cost. None for a lease they must build (odd types, lone surrogates)."""
+        bytes the generic encoders would give for `lease_document` and `state.grant_line`
+        (tests/test_lease_json.py), at a fraction of their cost. None for a lease they
+        must build (odd types, lone surrogates)."""
         h = extras.holder
         start = h.starttime
         owner = lease.owner
@@ -716,24 +717,6 @@ class Server:
             r = os.urandom(4096)
         self._random = r[16:]
         return r[:16].hex()
-
-    def _grant_reply(self, rid: Any, lease: Lease, token: str) -> bytes:
-        """`encode(ok(rid, lease_document(lease, with_token=True)))`, built from pre-encoded
-        pieces (the hot reply; tests/test_lease_json.py checks it byte for byte)."""
-        props = self._properties(lease)
-        text = (
-            f'{{"id":{protocol.id_json(rid)},"ok":true,"result":{{"id":'
-            f'{protocol.json_str(lease.id)},"label":{protocol.opt_str_json(lease.label)},'
-            f'"resources":{protocol.held_json(lease.held)},'
-            f'"groups":{protocol.slice_groups_json(lease.groups, as_objects=True)},'
-            f'"request":{protocol.wire_json(lease.request)},'
-            f'"properties":{protocol.json_value(props) if props else "{}"},'
-            f'"holder":{protocol.flat_json(lease.holder)},"token":{protocol.json_str(token)}}}}}\n'
-        )
-        try:
-            return text.encode()
-        except UnicodeEncodeError:  # a lone surrogate in a label or token: encode() escapes it
-            return protocol.encode(protocol.ok(rid, self.lease_document(lease, with_token=True)))
 
     def _write_files(self, lease: Lease, doc: dict[str, Any], holder: Holder) -> Any:
         """Per-lease pool files, readable by the holder alone, removed when the lease ends."""

@@ -351,12 +351,9 @@ class StateStore:
         lease = server.allocator.leases.get(lease_id)
         extras = server.extras.get(lease_id)
         if lease is not None and extras is not None:
-            self.pending.append(grant_line(lease, extras))
+            self.record_line(server, grant_line(lease, extras))
         else:
-            self.pending.append('{"end":' + json_str(lease_id) + "}")
-            if self._by_token:
-                self._by_token = {t: i for t, i in self._by_token.items() if i != lease_id}
-        server.at_turn_end(self._end_of_turn)
+            self.record_end(server, lease_id)
 
     def record_end(self, server: Any, lease_id: str) -> None:
         """`record` for a lease that ended."""

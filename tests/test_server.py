@@ -257,24 +257,16 @@ def test_hostile_messages_get_errors_and_the_server_keeps_serving(
 def test_a_token_utf8_cannot_hold_still_reclaims_its_lease(tmp_path: Path) -> None:
     """JSON lets a client choose a token with a lone surrogate; comparing it once raised
     (an internal error), so such a lease could never be re-claimed."""
-    odd = "t" * 15 + "\\ud800"  # a JSON escape: 16 characters once decoded
-
-    def talk(sock: socket.socket, line: str) -> dict[str, Any]:
-        sock.sendall(line.encode() + b"\n")
-        return json.loads(sock.makefile("rb").readline())
-
+    odd = "t" * 15 + "\ud800"  # json.dumps sends it as the escape "\\ud800"
     with running_agent(tmp_path) as agent:
-        a, b = (socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2))
-        with a, b:
-            for s in (a, b):
-                s.connect(agent.socket)
-                s.settimeout(10)
-                assert talk(s, HELLO.decode().strip())["ok"]
-            got = talk(a, f'{{"id":1,"op":"acquire","request":{{"gpus":1}},"token":"{odd}"}}')
-            lid = got["result"]["id"]
-            moved = talk(b, f'{{"id":2,"op":"reclaim","lease":"{lid}","token":"{odd}"}}')
-            assert moved["ok"], moved
-            assert moved["result"]["id"] == lid
+        a, b = Conn(agent.socket), Conn(agent.socket)
+        got = a.call({"id": 1, "op": "acquire", "request": {"gpus": 1}, "token": odd})
+        lid = got["result"]["id"]
+        moved = b.call({"id": 2, "op": "reclaim", "lease": lid, "token": odd})
+        assert moved["ok"], moved
+        assert moved["result"]["id"] == lid
+        a.close()
+        b.close()
         assert "Traceback" not in agent.log()
 
 
