@@ -49,7 +49,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rpool_agent.allocator import Allocator, Granted, Queued, place
+from rpool_agent.allocator import Allocator
+from rpool_agent.lease import Granted, Queued
+from rpool_agent.placement import place
 from rpool_agent.pool import Instance, Pool
 from rpool_agent.requests import Request, Unit, parse_request
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from . import protocol
-from .allocator import Allocator, Denied, Granted, Lease, Queued, Reaped, Released
+from .allocator import Allocator
 from .errors import (
     AgentUnavailable,
     LimitExceeded,
@@ -44,6 +44,7 @@ from .errors import (
     UnknownLease,
 )
 from .holders import Holder, open_pidfd, peer_credentials, process_starttime, process_uid
+from .lease import Denied, Granted, Lease, Queued, Reaped, Released
 from .pool import Pool
 from .protocol import json_str
 from .requests import parse_request

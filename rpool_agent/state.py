@@ -106,7 +106,7 @@ def _json_line(raw: bytes, n: int) -> Any:
 
 
 def _check_record(rec: Any, n: int) -> None:
-    from .allocator import Lease
+    from .lease import Lease
 
     if not isinstance(rec, dict):
         raise StateCorrupt(f"line {n}: a grant must be an object")
@@ -310,8 +310,8 @@ class StateStore:
         return records
 
     def _adopt(self, server: Any, rec: dict[str, Any]) -> bool:
-        from .allocator import Lease
         from .holders import Holder, open_pidfd
+        from .lease import Lease
         from .server import LeaseExtras
 
         h = rec["holder"]

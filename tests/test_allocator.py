@@ -15,18 +15,10 @@ from typing import Any
 
 import pytest
 
-from rpool_agent import allocator as allocator_module
+from rpool_agent import allocator, placement, tables, waiters
+from rpool_agent import lease as lease_module
 from rpool_agent import requests as requests_module
-from rpool_agent.allocator import (
-    Allocator,
-    Denied,
-    Granted,
-    Lease,
-    Queued,
-    Reaped,
-    Released,
-    Slice,
-)
+from rpool_agent.allocator import Allocator
 from rpool_agent.errors import (
     NotOwner,
     PoolFormatError,
@@ -37,6 +29,7 @@ from rpool_agent.errors import (
     UnknownResourceType,
     Unsatisfiable,
 )
+from rpool_agent.lease import Denied, Granted, Lease, Queued, Reaped, Released, Slice
 from rpool_agent.pool import Instance, Node, Pool
 from rpool_agent.requests import parse_request
 
@@ -564,7 +557,9 @@ def test_multi_node_pool_ids_must_be_unique() -> None:
 # --- purity ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("module", [allocator_module, requests_module])
+@pytest.mark.parametrize(
+    "module", [allocator, lease_module, placement, tables, waiters, requests_module]
+)
 def test_core_modules_do_no_io(module: Any) -> None:
     tree = ast.parse(Path(module.__file__).read_text())
     imported = set()

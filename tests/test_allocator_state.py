@@ -21,8 +21,9 @@ from hypothesis.stateful import (
     rule,
 )
 
-from rpool_agent.allocator import Allocator, Denied, Granted, Queued, Reaped, Released
+from rpool_agent.allocator import Allocator
 from rpool_agent.errors import NotOwner, Timeout
+from rpool_agent.lease import Denied, Granted, Queued, Reaped, Released
 from rpool_agent.pool import Instance, Pool
 from rpool_agent.requests import Request, Unit, parse_request
 

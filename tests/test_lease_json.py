@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from rpool_agent import protocol
-from rpool_agent.allocator import Granted
 from rpool_agent.holders import Holder
+from rpool_agent.lease import Granted
 from rpool_agent.pool import Instance, Pool
 from rpool_agent.requests import parse_request
 from rpool_agent.server import Connection, LeaseExtras, Server
