@@ -16,79 +16,23 @@ from __future__ import annotations
 
 import os
 
-from .record import Frozen, replace
+from .gpu_report import Gpu, GpuReport, MigDevice
+from .record import replace
 from .sysfs import Root, as_root, parse_cpulist, parse_cpumask
 
 TYPE_CHECKING = False  # not typing's: `detect` does not import typing (see record.py)
 if TYPE_CHECKING:
     import re
+    from collections.abc import Mapping
     from types import ModuleType
     from typing import Any
+
+__all__ = ["Gpu", "GpuReport", "MigDevice", "normalize_bus_id", "probe_gpus"]
 
 LIBRARY = "libnvidia-ml.so.1"
 PROC_GPUS = "proc/driver/nvidia/gpus"
 PROC_VERSION = "proc/driver/nvidia/version"
 NVML_DEVICE_MIG_ENABLE = 1  # nvml.h; spelled out so the module needs no pynvml to import
-
-
-# --- data ------------------------------------------------------------------------------
-
-
-def _to_dict(obj: Frozen) -> dict[str, Any]:
-    """Fields as plain JSON values; `None` (absent) fields are left out, tuples become lists."""
-    out: dict[str, Any] = {}
-    for name in obj._fields:
-        value = getattr(obj, name)
-        if value is None:
-            continue
-        if isinstance(value, tuple):
-            value = [v.to_dict() if hasattr(v, "to_dict") else v for v in value]
-        out[name] = value
-    return out
-
-
-class MigDevice(Frozen):
-    """One MIG device; `index` is its NVML slot under the parent (slots can be sparse)."""
-
-    index: int
-    uuid: str  # "MIG-..."; "" if NVML would not say
-    name: str | None
-    memory_bytes: int | None
-    gpu_instance_id: int | None
-    compute_instance_id: int | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return _to_dict(self)
-
-
-class Gpu(Frozen):
-    """One physical GPU. `None` means NVML (or /proc) did not say: the field is absent."""
-
-    index: int  # NVML index (PCI bus order), also under the /proc fallback
-    uuid: str  # "GPU-..."; "" when unknown (driver has not initialised the GPU)
-    name: str | None
-    memory_bytes: int | None
-    pci_bus_id: str | None  # sysfs form "0000:3b:00.0", see normalize_bus_id
-    minor_number: int | None  # N of /dev/nvidiaN; can differ from index
-    numa_node: int | None
-    cpu_affinity: tuple[int, ...] | None  # CPUs close to the GPU
-    compute_capability: str | None  # "9.0"
-    mig_enabled: bool | None
-    mig_devices: tuple[MigDevice, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        return _to_dict(self)
-
-
-class GpuReport(Frozen):
-    gpus: tuple[Gpu, ...]
-    driver_version: str | None  # "550.54.15"
-    cuda_driver_version: str | None  # "12.4"
-    source: str  # "nvml" | "procfs" | "none"
-    problem: str | None  # one line for stderr: why no GPUs, or why the reading is partial
-
-    def to_dict(self) -> dict[str, Any]:
-        return _to_dict(self)
 
 
 # --- pure parsers ----------------------------------------------------------------------
@@ -399,14 +343,38 @@ def _read_procfs(root: Root) -> tuple[Gpu, ...]:
 # --- entry point -----------------------------------------------------------------------
 
 
-def probe_gpus(root: Root | str = "/", *, nvml: bool | None = None) -> GpuReport:
-    """Every NVIDIA GPU under `root`; never raises for a missing library or driver.
+def probe_gpus(
+    root: Root | str = "/",
+    *,
+    nvml: bool | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> GpuReport:
+    """Every NVIDIA GPU under `root` that this process may use; never raises for a missing
+    library or driver.
 
     `nvml=None` uses NVML only on the live root. `nvml=True` forces it with another root
-    (tests: the fake NVML for the GPUs, a recorded tree for sysfs facts).
+    (tests: the fake NVML for the GPUs, a recorded tree for sysfs facts). On the live root
+    (or with NVML forced) `environ` (default `os.environ`) is this process's environment:
+    its `CUDA_VISIBLE_DEVICES` restricts the GPUs (visible.py). A recorded tree describes
+    another machine, whose processes' environment we do not have.
     """
     root = as_root(root)
     use_nvml = root.is_live if nvml is None else nvml
+    report = _probe(root, use_nvml)
+    if environ is None and not use_nvml:
+        return report
+    env = os.environ if environ is None else environ
+    value = env.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return report
+    from .visible import restrict
+
+    gpus, notes = restrict(report.gpus, value, env.get("CUDA_DEVICE_ORDER"))
+    problem = "; ".join([report.problem, *notes] if report.problem else notes) or None
+    return replace(report, gpus=gpus, problem=problem, visible_devices=value)
+
+
+def _probe(root: Root, use_nvml: bool) -> GpuReport:
     why: str | None = None
     if use_nvml:
         report, why = _probe_nvml(root)

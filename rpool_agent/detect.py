@@ -21,8 +21,8 @@ if TYPE_CHECKING:
     from typing import Any
 
     from .probes.cpu import CpuTopology
+    from .probes.gpu_report import Gpu, GpuReport
     from .probes.numa import NumaTopology
-    from .probes.nvidia import Gpu, GpuReport
     from .probes.sysfs import Root
 
 

@@ -62,6 +62,12 @@ def write_config(path: Path, gpus: list[dict[str, Any]], **system: Any) -> Path:
     return path
 
 
+def clean_environ() -> dict[str, str]:
+    """Our environment without CUDA_VISIBLE_DEVICES / CUDA_DEVICE_ORDER: a test run inside a
+    lease (or a CI executor given one GPU) must not change what the children see."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("CUDA_")}
+
+
 @dataclass
 class ProbeRun:
     report: dict[str, Any]
@@ -77,11 +83,14 @@ def run_probe(
     config: Path | None = None,
     *,
     nvml: str = "on",
+    env: dict[str, str] | None = None,
 ) -> ProbeRun:
-    """`probe_gpus(root, nvml=...)` in a child whose libnvidia-ml.so.1 is in `lib_dir`."""
+    """`probe_gpus(root, nvml=...)` in a child whose libnvidia-ml.so.1 is in `lib_dir`,
+    with `env` added to a copy of ours that has no inherited CUDA_* variables."""
     log = Path(str(config) + ".calls") if config else Path(lib_dir) / "none.calls"
     log.unlink(missing_ok=True)
-    env = {**os.environ, "LD_LIBRARY_PATH": str(lib_dir), "FAKE_NVML_LOG": str(log)}
+    env = {**clean_environ(), **(env or {})}
+    env.update(LD_LIBRARY_PATH=str(lib_dir), FAKE_NVML_LOG=str(log))
     env["FAKE_NVML_CONFIG"] = str(config or "")
     done = subprocess.run(
         [sys.executable, "-c", _CHILD, str(root), nvml],

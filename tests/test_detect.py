@@ -337,7 +337,8 @@ def test_cli_mig_with_fake_nvml(fake_nvml_dir: Path, tmp_path: Path) -> None:
         ],
         driver_version="550.54.15",
     )
-    env = {**os.environ, "LD_LIBRARY_PATH": str(fake_nvml_dir), "FAKE_NVML_CONFIG": str(config)}
+    env = {**nf.clean_environ(), "LD_LIBRARY_PATH": str(fake_nvml_dir)}
+    env["FAKE_NVML_CONFIG"] = str(config)
     for form in FORMATS:
         done = cli("--mig", "--slots-per-gpu", "2", "--format", form, env=env)
         assert done.returncode == 0, done.stderr
