@@ -86,3 +86,13 @@ def open_pidfd(pid: int, starttime: int | None) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+@dataclass(slots=True)
+class LeaseExtras:
+    """What the shell keeps beside an allocator lease: secret token, files, requester."""
+
+    token: str
+    holder: Holder
+    files: Any = None  # handoff.LeaseFiles once written
+    pidfd: int | None = None

@@ -310,9 +310,8 @@ class StateStore:
         return records
 
     def _adopt(self, server: Any, rec: dict[str, Any]) -> bool:
-        from .holders import Holder, open_pidfd
+        from .holders import Holder, LeaseExtras, open_pidfd
         from .lease import Lease
-        from .server import LeaseExtras
 
         h = rec["holder"]
         holder = Holder(h["pid"], h["uid"], h["gid"], h.get("starttime"))

@@ -1,0 +1,545 @@
+"""The service: each operation's handler, and the allocator's events sent where they belong.
+
+A call comes in from a `Connection`, goes to its `op_*` handler, which asks the pure
+allocator and answers with a reply or `_DEFERRED` (the reply comes from an event). Each
+event is sent to the connection it names: a release on one connection grants a waiter on
+another. Losing a peer is an input too: EOF -> `allocator.disconnect(owner)`, which reaps
+its leases and serves the next waiter, with no polling and no timeout to wait out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import protocol
+from .allocator import Allocator
+from .connection import Connection, Limits
+from .errors import (
+    LimitExceeded,
+    NotOwner,
+    PermissionDenied,
+    ProtocolError,
+    RequestError,
+    RpoolAgentError,
+    UnknownLease,
+)
+from .holders import Holder, LeaseExtras, open_pidfd, process_starttime, process_uid
+from .lease import Denied, Granted, Lease, Queued, Reaped, Released
+from .listener import peer_groups
+from .pool import Pool
+from .protocol import json_str
+from .requests import parse_request
+from .state import grant_line_of, holder_json
+
+Owner = tuple[Any, ...]
+_DEFERRED = object()
+
+
+@dataclass(eq=False, slots=True)
+class Pending:
+    """An acquire that waits. The record itself is the allocator's request key (compared
+    by identity), so the reply's route, id, owner, token and file wish travel together."""
+
+    conn: Connection
+    call_id: Any
+    owner: Owner
+    token: str | None
+    want_files: bool
+
+
+class Service:
+    """The `op_*` handlers and the event dispatch; `Server` adds connections and the loop."""
+
+    pool: Pool
+    allocator: Allocator
+    limits: Limits
+    state: Any
+    notify: Callable[[str], Any] | None
+    admin_gid: int | None
+    files_dir: str
+    log_events: bool
+    connections: dict[int, Connection]
+    extras: dict[str, LeaseExtras]
+    waiting: set[Pending]
+
+    def handle_frame(self, conn: Connection, frame: Any) -> None:
+        rid: Any = None  # never echo an id parse_call did not accept (it may be anything)
+        try:
+            call = protocol.parse_call(frame)
+            rid = call.id
+            if not conn.greeted and call.op != "hello":
+                raise ProtocolError("the first message must be 'hello'")
+            result = self._ops[call.op](conn, call)
+        except RpoolAgentError as exc:
+            rid = protocol.request_id_of(exc) if rid is None else rid
+            conn.send(protocol.error(rid, exc))
+            return
+        except Exception as exc:  # a bug: this call fails, the agent and its leases live on
+            import traceback
+
+            msg = f"internal error on {frame!r:.200}:\n{traceback.format_exc()}"
+            self._log(msg, important=True)
+            conn.send(protocol.error(rid, RpoolAgentError(f"internal error: {exc!r:.200}")))
+            return
+        if result is not _DEFERRED:
+            conn.send(protocol.ok(rid, result))
+
+    # --- operations (each returns the reply's result, or _DEFERRED) ----------------------
+
+    def op_hello(self, conn: Connection, call: protocol.Call) -> Any:
+        conn.greet()
+        from ._version import __version__
+
+        peer = conn.peer or Holder(-1, -1, -1)
+        return {
+            "version": protocol.PROTOCOL_VERSION,
+            "server": f"rpool-agent {__version__}",
+            "pid": os.getpid(),
+            "you": {"pid": peer.pid, "uid": peer.uid, "gid": peer.gid},
+        }
+
+    def op_acquire(self, conn: Connection, call: protocol.Call) -> Any:
+        args = call.args
+        request = parse_request(args.get("request"))
+        timeout = args.get("timeout")
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0
+        ):
+            raise ProtocolError("'timeout' must be a number >= 0 or null")
+        label = args.get("label")
+        if label is not None and (not isinstance(label, str) or len(label) > 256):
+            raise ProtocolError("'label' must be a string of at most 256 characters")
+        if len(conn.pending) >= self.limits.max_pending_per_connection:
+            raise LimitExceeded("too many pending acquires on this connection")
+        peer = conn.peer or Holder(-1, -1, -1)
+        owner: Owner = conn.owner
+        holder = peer
+        holder_pid = args.get("holder_pid")
+        if holder_pid is not None:
+            holder, owner = self._pid_holder(peer, holder_pid)
+        if call.id in conn.pending:
+            raise RequestError(f"request id {call.id!r} is already waiting")
+        token = args.get("token")
+        if token is not None:
+            if not isinstance(token, str) or not 16 <= len(token) <= 128:
+                raise ProtocolError("'token' must be a string of 16 to 128 characters")
+            # A retry of an acquire whose reply an agent restart cut off: that lease.
+            restored = self.state.restored_lease(token) if self.state is not None else None
+            if restored is not None and restored in self.allocator.leases:
+                return self._rebind(conn, restored, with_token=True)
+        want_files = bool(args.get("files"))
+        pending = Pending(conn, call.id, owner, token, want_files)
+        events = self.allocator.submit(
+            owner,
+            pending,
+            request,
+            now=time.monotonic(),
+            timeout=timeout,
+            label=label,
+            holder=holder.to_dict(),
+        )
+        # `submit` answers with exactly one event about this request: act on it here, and
+        # keep the route to this connection only for a request that waits.
+        (ev,) = events
+        if type(ev) is Granted:
+            self._grant(conn, call.id, ev.lease, holder, token, want_files)
+            return _DEFERRED
+        if type(ev) is Denied:
+            conn.send(protocol.error(call.id, ev.error))
+            return _DEFERRED
+        conn.pending[call.id] = pending
+        self.waiting.add(pending)
+        self.dispatch(events)  # Queued: tell the client, arm its timeout
+        return _DEFERRED
+
+    def _pid_holder(self, peer: Holder, pid: Any) -> tuple[Holder, Owner]:
+        if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+            raise ProtocolError("'holder_pid' must be a positive integer")
+        uid = process_uid(pid)
+        start = process_starttime(pid)
+        if uid is None or start is None:
+            raise ProtocolError(f"no process {pid}")
+        if peer.uid not in (0, uid):
+            raise PermissionDenied(f"process {pid} belongs to another user")
+        return Holder(pid, uid, peer.gid, start), ("pid", pid, start)
+
+    def op_cancel(self, conn: Connection, call: protocol.Call) -> Any:
+        target = call.args.get("request_id")
+        if target is not None and not isinstance(target, (int, str)):
+            raise ProtocolError("'request_id' must be an integer or a string")
+        pending = conn.pending.get(target)
+        if pending is None:
+            return {"cancelled": False}
+        self._unroute(pending)
+        self.dispatch(self.allocator.cancel(pending.owner, pending))
+        return {"cancelled": True}
+
+    def _unroute(self, pending: Pending) -> bool:
+        """Forget a waiting acquire (granted, denied, cancelled or its connection gone);
+        True if it was still routed to its connection, which then gets one reply."""
+        if pending not in self.waiting:
+            return False
+        self.waiting.discard(pending)
+        pending.conn.pending.pop(pending.call_id, None)
+        return True
+
+    def op_release(self, conn: Connection, call: protocol.Call) -> Any:
+        lease_id = call.args.get("lease")
+        if not isinstance(lease_id, str):
+            raise ProtocolError("'lease' must be a lease id string")
+        lease = self.allocator.leases.get(lease_id)
+        if lease is None:
+            raise UnknownLease(f"no lease {lease_id[:40]!r}")
+        self._check_may_touch(conn, lease)
+        events = self.allocator.release(lease.owner, lease_id)
+        if len(events) == 1:  # [Released]: nobody waits, the queue and its timers are as they were
+            self._end_lease(lease_id, "release")
+        else:
+            self.dispatch(events)
+        if not lease_id.isascii():  # a restored lease's id can be anything
+            return {"released": lease_id}
+        # The hot reply, pre-encoded: `{"released": lease_id}`.
+        conn.send_bytes(protocol.ok_json(call.id, f'{{"released":{protocol.json_str(lease_id)}}}'))
+        return _DEFERRED
+
+    def _check_may_touch(self, conn: Connection, lease: Lease) -> None:
+        if lease.owner == conn.owner:
+            return
+        peer = conn.peer or Holder(-1, -1, -1)
+        if peer.uid == 0:
+            return
+        if int(lease.holder.get("uid", -2)) == peer.uid:
+            return
+        raise NotOwner(f"lease {lease.id} belongs to another user")
+
+    def op_status(self, conn: Connection, call: protocol.Call) -> Any:
+        snap = self.allocator.snapshot()
+        now = time.monotonic()
+        for item in snap.get("leases", []):
+            item["age_s"] = round(now - item.get("granted_at", now), 3)
+            extras = self.extras.get(item["id"])
+            if extras is not None:  # the current holder: a re-claim moves the lease
+                item["holder"] = extras.holder.to_dict()
+        for item in snap.get("waiters", []):
+            req = item.get("req_id")
+            item["req_id"] = req.call_id if isinstance(req, Pending) else None
+            item["waiting_s"] = round(now - item.get("since", now), 3)
+        snap["connections"] = len(self.connections)
+        return snap
+
+    def op_pool(self, conn: Connection, call: protocol.Call) -> Any:
+        fmt = call.args.get("format")
+        if fmt is None:
+            from .formats import to_document
+
+            return to_document(self.pool, "canary-nodes")[0]
+        from .formats import FORMATS, dumps
+
+        if fmt not in FORMATS:
+            raise ProtocolError(f"'format' must be one of {', '.join(FORMATS)}")
+        return {"format": fmt, "text": dumps(self.pool, fmt)}
+
+    def op_reclaim(self, conn: Connection, call: protocol.Call) -> Any:
+        lease_id, token = call.args.get("lease"), call.args.get("token")
+        extras = self.extras.get(lease_id) if isinstance(lease_id, str) else None
+        if extras is None or lease_id not in self.allocator.leases:
+            raise UnknownLease(f"no lease {str(lease_id)[:40]!r}")
+        if not isinstance(token, str) or not secrets.compare_digest(
+            token.encode(errors="surrogatepass"), extras.token.encode(errors="surrogatepass")
+        ):
+            raise NotOwner("wrong token for this lease")
+        return self._rebind(conn, lease_id, with_token=False)
+
+    def _rebind(self, conn: Connection, lease_id: str, *, with_token: bool) -> Any:
+        """Tie a lease to `conn`, and to its process: the holder a restart looks for."""
+        extras = self.extras[lease_id]
+        self._check_may_touch(conn, self.allocator.leases[lease_id])  # a token is not enough
+        self.allocator.rebind(lease_id, conn.owner)
+        self._close_pidfd(extras)
+        if conn.peer is not None and conn.peer.pid > 0:
+            extras.holder = conn.peer
+        self._changed(lease_id)
+        doc = self.lease_document(self.allocator.leases[lease_id], with_token=with_token)
+        if with_token and extras.files is not None:
+            doc["files"] = dataclasses.asdict(extras.files)
+        return doc
+
+    def op_drain(self, conn: Connection, call: protocol.Call) -> Any:
+        self._require_admin(conn)
+        rtype, rid = _resource_arg(call.args.get("resource"))
+        reason = call.args.get("reason") or ""
+        if not isinstance(reason, str):
+            raise ProtocolError("'reason' must be a string")
+        self.allocator.drain(rtype, rid, reason[:256])
+        self._log(f"drain {rtype}:{rid} reason={reason!r}")
+        return {"drained": f"{rtype}:{rid}"}
+
+    def op_undrain(self, conn: Connection, call: protocol.Call) -> Any:
+        self._require_admin(conn)
+        rtype, rid = _resource_arg(call.args.get("resource"))
+        self.dispatch(self.allocator.undrain(rtype, rid))
+        self._log(f"undrain {rtype}:{rid}")
+        return {"undrained": f"{rtype}:{rid}"}
+
+    def op_reload(self, conn: Connection, call: protocol.Call) -> Any:
+        self._require_admin(conn)
+        return self.reload()
+
+    def _require_admin(self, conn: Connection) -> None:
+        peer = conn.peer or Holder(-1, -1, -1)
+        if peer.uid == 0:
+            return
+        if self.admin_gid is not None and self.admin_gid in peer_groups(conn):
+            return
+        raise PermissionDenied("this operation needs root or the agent's admin group")
+
+    # --- events -> connections ------------------------------------------------------------
+
+    def dispatch(self, events: list[Any]) -> None:
+        for ev in events:
+            if isinstance(ev, Granted):
+                self._on_granted(ev)
+            elif isinstance(ev, Denied):
+                pending = ev.req_id
+                if self._unroute(pending):
+                    pending.conn.send(protocol.error(pending.call_id, ev.error))
+            elif isinstance(ev, Queued):
+                pending = ev.req_id
+                if pending in self.waiting:
+                    pending.conn.send(
+                        {"id": pending.call_id, "event": "queued", "position": ev.position}
+                    )
+            elif isinstance(ev, Released):
+                self._end_lease(ev.lease_id, "release")
+            elif isinstance(ev, Reaped):
+                for lease_id in ev.lease_ids:
+                    self._end_lease(lease_id, "reap")
+        self._reschedule()
+
+    def _on_granted(self, ev: Granted) -> None:
+        """A waiter's grant (a release, reap or timeout made room)."""
+        p: Pending = ev.req_id
+        conn = p.conn if self._unroute(p) else None
+        holder = Holder.from_dict(ev.lease.holder)
+        self._grant(conn, p.call_id, ev.lease, holder, p.token, p.want_files)
+
+    def _grant(
+        self,
+        conn: Connection | None,
+        call_id: Any,
+        lease: Lease,
+        holder: Holder,
+        token: str | None,
+        want_files: bool,
+    ) -> None:
+        """Keep the lease's extras, journal it, log it, answer `conn` (if still there)."""
+        extras = LeaseExtras(token=token or self._new_token(), holder=holder)
+        self.extras[lease.id] = extras
+        if lease.owner[0] == "pid":
+            extras.pidfd = open_pidfd(holder.pid, holder.starttime)
+            if extras.pidfd is None:  # the holder died while its request waited
+                self._log(f"grant {lease.id} to pid={holder.pid}, which has exited")
+                if conn is not None:
+                    gone = UnknownLease(f"process {holder.pid} exited before the grant")
+                    conn.send(protocol.error(call_id, gone))
+                self._disconnect(lease.owner)
+                return
+            loop = self._running_loop()
+            assert loop is not None
+            loop.add_reader(extras.pidfd, self._holder_exited, lease.owner)
+        if self.log_events:
+            self._log(
+                f"grant {lease.id} {_fmt_held(lease.held)} pid={holder.pid} "
+                f"uid={holder.uid}" + (f" label={lease.label!r}" if lease.label else "")
+            )
+        if want_files:
+            doc = self.lease_document(lease, with_token=True)
+            extras.files = self._write_files(lease, doc, holder)
+            doc["files"] = dataclasses.asdict(extras.files)
+            self._changed(lease.id)
+            if conn is not None:
+                conn.send(protocol.ok(call_id, doc))
+            return
+        texts = self._grant_texts(call_id, lease, extras, conn)
+        if texts is None:  # an unusual lease: the general encoders
+            self._changed(lease.id)
+            if conn is not None:
+                conn.send(protocol.ok(call_id, self.lease_document(lease, with_token=True)))
+            return
+        reply, line = texts
+        if self.state is not None:
+            self.state.record_line(self, line)
+        if self.notify is not None:
+            self._notify_status()
+        if conn is not None:
+            conn.send_bytes(reply)
+
+    def _grant_texts(
+        self, rid: Any, lease: Lease, extras: LeaseExtras, conn: Connection | None
+    ) -> tuple[bytes, str] | None:
+        """(the grant reply, its journal line), from ONE set of pre-encoded pieces: the
+        bytes the generic encoders would give for `lease_document` and `state.grant_line`
+        (tests/test_lease_json.py), at a fraction of their cost. None for a lease they
+        must build (odd types, lone surrogates)."""
+        h = extras.holder
+        start = h.starttime
+        owner = lease.owner
+        granted_at = lease.granted_at
+        if type(granted_at) is not float or not (start is None or type(start) is int):
+            return None
+        if len(owner) == 2 and owner[0] == "conn" and type(owner[1]) is int:
+            owner_json = f'"conn",{owner[1]}'
+        elif all(type(x) is str or type(x) is int for x in owner):
+            owner_json = ",".join(json_str(x) if type(x) is str else str(x) for x in owner)
+        else:
+            return None
+        holder = conn.holder_json if conn is not None and h is conn.peer else None
+        if holder is None:
+            holder = holder_json(h)
+            if conn is not None and h is conn.peer:
+                conn.holder_json = holder
+        lid = json_str(lease.id)
+        label = "null" if lease.label is None else json_str(lease.label)
+        resources = protocol.held_json(lease.held)
+        request = protocol.wire_json(lease.request)
+        token = json_str(extras.token)
+        groups = lease.groups
+        if len(groups) == 1 and len(groups[0]) == 1:  # the usual lease: one unit
+            u = groups[0][0]
+            t, i, n = json_str(u.type), json_str(u.id), int(u.slots)
+            groups_obj = f'[[{{"type":{t},"id":{i},"slots":{n}}}]]'
+            groups_list = f"[[[{t},{i},{n}]]]"
+        else:
+            groups_obj = protocol.slice_groups_json(groups, as_objects=True)
+            groups_list = protocol.slice_groups_json(groups, as_objects=False)
+        props = self._properties(lease)
+        text = (
+            f'{{"id":{protocol.id_json(rid)},"ok":true,"result":{{"id":{lid},"label":{label},'
+            f'"resources":{resources},"groups":{groups_obj},"request":{request},'
+            f'"properties":{protocol.json_value(props) if props else "{}"},'
+            f'"holder":{holder},"token":{token}}}}}\n'
+        )
+        try:
+            reply = text.encode()
+        except UnicodeEncodeError:  # a lone surrogate in a label or token
+            return None
+        line = grant_line_of(
+            lid, owner_json, request, groups_list, resources, label, holder, granted_at, token
+        )
+        return reply, line
+
+    def _new_token(self) -> str:
+        """What secrets.token_hex(16) returns, from urandom drawn 4 KiB at a time: one
+        getrandom() per 256 grants instead of one per grant."""
+        r = self._random
+        if len(r) < 16:
+            r = os.urandom(4096)
+        self._random = r[16:]
+        return r[:16].hex()
+
+    def _write_files(self, lease: Lease, doc: dict[str, Any], holder: Holder) -> Any:
+        """Per-lease pool files, readable by the holder alone, removed when the lease ends."""
+        from .handoff import write_lease_files
+
+        directory = os.path.join(self.files_dir, lease.id)
+        os.makedirs(self.files_dir, mode=0o755, exist_ok=True)
+        files = write_lease_files(doc, directory)
+        if os.geteuid() == 0 and holder.uid > 0:
+            for path in (directory, files.ctest_spec, files.pool, files.pool_nodes):
+                os.chown(path, holder.uid, holder.gid)
+        return files
+
+    def _holder_exited(self, owner: Owner) -> None:
+        self._disconnect(owner)
+
+    def _disconnect(self, owner: Owner) -> None:
+        """`owner` is gone: the allocator reaps its leases and drops its waiters. A holder
+        process's waiters were filed by connections that are still there: each still gets
+        its one reply (the allocator drops them without an event)."""
+        events = self.allocator.disconnect(owner)
+        if owner[0] == "pid":
+            for p in [p for p in self.waiting if p.owner == owner]:
+                self._unroute(p)
+                gone = UnknownLease(f"process {owner[1]} exited before the grant")
+                p.conn.send(protocol.error(p.call_id, gone))
+        self.dispatch(events)
+
+    def _end_lease(self, lease_id: str, how: str) -> None:
+        extras = self.extras.pop(lease_id, None)
+        if extras is not None:
+            if extras.pidfd is not None:
+                self._close_pidfd(extras)
+            if extras.files is not None:
+                from .handoff import remove_lease_files
+
+                remove_lease_files(extras.files)
+        if self.log_events:
+            self._log(f"{how} {lease_id}")
+        if self.state is not None:
+            self.state.record_end(self, lease_id)
+        if self.notify is not None:
+            self._notify_status()
+
+    def _close_pidfd(self, extras: LeaseExtras) -> None:
+        if extras.pidfd is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(extras.pidfd)
+            os.close(extras.pidfd)
+            extras.pidfd = None
+
+    def lease_document(self, lease: Lease, *, with_token: bool) -> dict[str, Any]:
+        """The lease as a client sees it: ids, slots, groups and each instance's properties."""
+        extras = self.extras.get(lease.id)
+        doc: dict[str, Any] = {
+            "id": lease.id,
+            "label": lease.label,
+            "resources": lease.resources(),
+            "groups": [
+                [{"type": s.type, "id": s.id, "slots": s.slots} for s in group]
+                for group in lease.groups
+            ],
+            "request": lease.request.to_wire(),
+            "properties": self._properties(lease),
+            "holder": dict(lease.holder),
+        }
+        if with_token and extras is not None:
+            doc["token"] = extras.token
+        return doc
+
+    def _properties(self, lease: Lease) -> dict[str, dict[str, Any]]:
+        """{type: {id: properties}} of the leased instances that have any."""
+        props: dict[str, dict[str, Any]] = {}
+        node = self.pool.nodes[0] if self.pool.nodes else None
+        if node is None:
+            return props
+        for s in lease.held:
+            inst = node.instance(s.type, s.id)
+            if inst is not None and inst.properties:
+                props.setdefault(s.type, {})[s.id] = inst.properties
+        return props
+
+
+def _resource_arg(value: Any) -> tuple[str, str]:
+    if not isinstance(value, str) or ":" not in value:
+        raise ProtocolError("'resource' must be 'TYPE:ID'")
+    rtype, _, rid = value.partition(":")
+    return rtype, rid
+
+
+def _fmt_held(held: tuple[Any, ...]) -> str:
+    """`cpus:0,1 gpus:3x2` for the log: slots per id, grouped by type."""
+    if len(held) == 1:
+        s = held[0]
+        return f"{s.type}:{s.id}" + (f"x{s.slots}" if s.slots != 1 else "")
+    by_type: dict[str, list[str]] = {}
+    for s in held:
+        by_type.setdefault(s.type, []).append(f"{s.id}" + (f"x{s.slots}" if s.slots != 1 else ""))
+    return " ".join(f"{t}:" + ",".join(ids) for t, ids in by_type.items())
