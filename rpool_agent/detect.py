@@ -61,7 +61,8 @@ def topology_report(
 
     Counts of the online machine: packages, numa_nodes, cores, pus, offline_pus,
     pus_per_numa (node-id order); of what this process may use: allowed_pus,
-    allowed_cores, allowed_cpulist, allowed_nodelist (nodes holding a usable CPU); gpus.
+    allowed_cores, allowed_cpulist, allowed_nodelist (nodes holding a usable CPU); gpus;
+    mig_minors (each MIG device's capability-file minors, for Slurm's gres.conf).
     """
     from .probes.record import plain
     from .probes.sysfs import format_cpulist
@@ -87,6 +88,7 @@ def topology_report(
         "cpu": plain(cpu),
         "numa": plain(numa),
         "nvidia": report.to_dict(),
+        "mig_minors": _mig_minors(r, report),
     }
 
 
@@ -129,6 +131,19 @@ def _probe_gpus(r: Root) -> GpuReport:
     from .probes.nvidia import probe_gpus
 
     return probe_gpus(r)
+
+
+def _mig_minors(r: Root, report: GpuReport) -> dict[str, int]:
+    """The MIG devices' capability-file minors (probes/nvidia_caps.py): export needs them."""
+    from .probes.nvidia_caps import mig_minors
+
+    wanted = [
+        (g.minor_number, m.gpu_instance_id, m.compute_instance_id)
+        for g in report.gpus
+        if g.minor_number is not None
+        for m in g.mig_devices
+    ]
+    return mig_minors(r, wanted)
 
 
 def _cpu_instances(cpu: CpuTopology, numa: NumaTopology, hyperthreads: bool) -> list[Instance]:
