@@ -50,7 +50,6 @@ class Connection(asyncio.BufferedProtocol):
     _backlog: tuple[list[Any], Any] | None = None  # (frames, too_large) held back
     _writing_paused: bool = False  # the transport's buffer is over its high-water mark
     _view: memoryview | None = None  # of _buffer, made once
-    holder_json: str | None = None  # `peer` as a grant's JSON, made once
     _handshake_timer: asyncio.TimerHandle | None = None
 
     owner: Owner = field(init=False)  # ("conn", number): the allocator's key for us
@@ -172,6 +171,15 @@ class Connection(asyncio.BufferedProtocol):
             self._out_bytes += len(data)
             if len(out) == 1:
                 self.server._queue_output(self)
+
+    def replace_frame(self, old: bytes, new: bytes) -> None:
+        """Send `new` instead of the queued frame `old` (the very object), if still queued:
+        a grant whose journal line could not be written is answered with an error."""
+        for i, frame in enumerate(self._out):
+            if frame is old:
+                self._out[i] = new
+                self._out_bytes += len(new) - len(old)
+                return
 
     def flush(self) -> None:
         """Write what is queued for this connection now (journal first)."""

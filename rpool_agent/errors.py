@@ -115,6 +115,12 @@ class VersionMismatch(ProtocolError):
     code = "version"
 
 
+class NotRecorded(RpoolAgentError):
+    """The agent could not write a grant to its journal (a full disk): nothing was granted."""
+
+    code = "not_recorded"
+
+
 class LimitExceeded(RpoolAgentError):
     """A per-connection or per-uid limit was hit (pending acquires, connections)."""
 

@@ -45,22 +45,6 @@ _encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_cir
 json_str = encode_basestring
 json_value = _encoder.encode
 
-_frozen_json: dict[int, tuple[Any, str]] = {}
-
-
-def wire_json(value: Any) -> str:
-    """The JSON text of an immutable object's `to_wire()` (a Request), cached per object:
-    the same few requests come back on every grant. The entry keeps the object alive, so
-    its id cannot be reused while cached."""
-    hit = _frozen_json.get(id(value))
-    if hit is not None and hit[0] is value:
-        return hit[1]
-    text = _encoder.encode(value.to_wire())
-    if len(_frozen_json) >= 1024:
-        _frozen_json.clear()
-    _frozen_json[id(value)] = (value, text)
-    return text
-
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
@@ -255,41 +239,6 @@ def raise_for_reply(reply: dict[str, Any]) -> Any:
     raise cls(str(err.get("message", "unknown error")))
 
 
-# --- the grant's JSON, by concatenation -----------------------------------------------------
-# A grant is the hot reply, and its journal line the hot record: both are built from these
-# pieces, each the exact text `encode` would write for it (json_str / ints / float repr),
-# at a fraction of the cost of building and encoding the nested dicts (bench/lease.py).
-
-
-def held_json(held: Any) -> str:
-    """`Lease.resources()` as JSON: `{type: [{"id", "slots"}]}`, first-appearance order."""
-    if len(held) == 1:
-        s = held[0]
-        return f'{{{json_str(s.type)}:[{{"id":{json_str(s.id)},"slots":{int(s.slots)}}}]}}'
-    by_type: dict[str, list[str]] = {}
-    for s in held:
-        item = f'{{"id":{json_str(s.id)},"slots":{int(s.slots)}}}'
-        by_type.setdefault(s.type, []).append(item)
-    return "{" + ",".join(f"{json_str(t)}:[{','.join(v)}]" for t, v in by_type.items()) + "}"
-
-
-def slice_groups_json(groups: Any, *, as_objects: bool) -> str:
-    """A lease's groups: `[[{"type","id","slots"}]]` (the reply) or `[[[type,id,slots]]]`."""
-    fmt = _SLICE_OBJECT if as_objects else _SLICE_LIST
-    if len(groups) == 1 and len(groups[0]) == 1:  # the usual lease: one unit
-        s = groups[0][0]
-        return "[[" + fmt.format(json_str(s.type), json_str(s.id), int(s.slots)) + "]]"
-    inner = (
-        ",".join(fmt.format(json_str(s.type), json_str(s.id), int(s.slots)) for s in g)
-        for g in groups
-    )
-    return "[[" + "],[".join(inner) + "]]" if groups else "[]"
-
-
-_SLICE_OBJECT = '{{"type":{},"id":{},"slots":{}}}'
-_SLICE_LIST = "[{},{},{}]"
-
-
 def id_json(rid: Any) -> str:
     """A call id (`parse_call` let through None, an int or a short str) as JSON."""
     kind = type(rid)
@@ -303,7 +252,3 @@ def id_json(rid: Any) -> str:
 def ok_json(rid: Any, result_json: str) -> bytes:
     """`encode(ok(rid, result))` for a result already in JSON (ASCII or valid UTF-8)."""
     return f'{{"id":{id_json(rid)},"ok":true,"result":{result_json}}}\n'.encode()
-
-
-def opt_str_json(value: str | None) -> str:
-    return "null" if value is None else json_str(value)

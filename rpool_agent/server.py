@@ -29,8 +29,11 @@ from .allocator import Allocator
 from .connection import Connection, Limits
 from .errors import LimitExceeded, RpoolAgentError
 from .listener import bind_socket, check_socket_dir
+from .pidwatch import PidWatch
 from .pool import Pool
+from .restore import restore_leases
 from .service import LeaseExtras, Pending, Service
+from .state import lease_record
 
 __all__ = ["Connection", "LeaseExtras", "Limits", "Server", "check_socket_dir", "run_server"]
 
@@ -80,6 +83,7 @@ class Server(Service):
         self.allocator = Allocator(pool, new_lease_id=lambda: next(self._lease_ids))
         self.connections: dict[int, Connection] = {}
         self.extras: dict[str, LeaseExtras] = {}
+        self.pids = PidWatch(self._holder_exited)  # one pidfd per holder process
         self.waiting: set[Pending] = set()  # acquires that wait, each routed to its conn
         self._numbers = itertools.count(1)
         self._timer: asyncio.TimerHandle | None = None
@@ -152,8 +156,14 @@ class Server(Service):
     def _changed(self, lease_id: str) -> None:
         """A lease was granted, re-bound or ended: journal it (written before any reply
         leaves, see `_flush_outbox`), tell systemd."""
-        if self.state is not None:
-            self.state.record(self, lease_id)
+        state = self.state
+        if state is not None:
+            lease = self.allocator.leases.get(lease_id)
+            extras = self.extras.get(lease_id)
+            if lease is not None and extras is not None:
+                state.record_grant(lease_id, lease_record(lease, extras))
+            else:
+                state.record_end(lease_id)
         self._notify_status()
 
     def _log(self, line: str, *, important: bool = False) -> None:
@@ -293,7 +303,7 @@ class Server(Service):
         """Listen on `sock` (inherited from systemd) or on a socket we create."""
         loop = self._loop = asyncio.get_running_loop()
         if self.state is not None:  # before anyone can connect
-            self.state.restore(self)
+            restore_leases(self, self.state)
         if sock is None:
             sock = self._bind()
         self._server = await loop.create_unix_server(self.new_connection, sock=sock, backlog=512)

@@ -9,9 +9,8 @@ its leases and serves the next waiter, with no polling and no timeout to wait ou
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
+import functools
 import os
 import secrets
 import time
@@ -25,19 +24,20 @@ from .connection import Connection, Limits
 from .errors import (
     LimitExceeded,
     NotOwner,
+    NotRecorded,
     PermissionDenied,
     ProtocolError,
     RequestError,
     RpoolAgentError,
     UnknownLease,
 )
-from .holders import Holder, LeaseExtras, open_pidfd, process_starttime, process_uid
+from .holders import Holder, LeaseExtras, process_starttime, process_uid
 from .lease import Denied, Granted, Lease, Queued, Reaped, Released
 from .listener import peer_groups
+from .pidwatch import PidWatch
 from .pool import Pool
-from .protocol import json_str
 from .requests import parse_request
-from .state import grant_line_of, holder_json
+from .state import lease_record
 
 Owner = tuple[Any, ...]
 _DEFERRED = object()
@@ -68,6 +68,7 @@ class Service:
     log_events: bool
     connections: dict[int, Connection]
     extras: dict[str, LeaseExtras]
+    pids: PidWatch
     waiting: set[Pending]
 
     def handle_frame(self, conn: Connection, frame: Any) -> None:
@@ -344,7 +345,7 @@ class Service:
         extras = LeaseExtras(token=token or self._new_token(), holder=holder)
         self.extras[lease.id] = extras
         if lease.owner[0] == "pid":
-            extras.pidfd = open_pidfd(holder.pid, holder.starttime)
+            extras.pidfd = self.pids.watch(holder.pid, holder.starttime, lease.owner)
             if extras.pidfd is None:  # the holder died while its request waited
                 self._log(f"grant {lease.id} to pid={holder.pid}, which has exited")
                 if conn is not None:
@@ -352,89 +353,40 @@ class Service:
                     conn.send(protocol.error(call_id, gone))
                 self._disconnect(lease.owner)
                 return
-            loop = self._running_loop()
-            assert loop is not None
-            loop.add_reader(extras.pidfd, self._holder_exited, lease.owner)
         if self.log_events:
             self._log(
                 f"grant {lease.id} {_fmt_held(lease.held)} pid={holder.pid} "
                 f"uid={holder.uid}" + (f" label={lease.label!r}" if lease.label else "")
             )
+        doc = self.lease_document(lease, with_token=True)
         if want_files:
-            doc = self.lease_document(lease, with_token=True)
             extras.files = self._write_files(lease, doc, holder)
             doc["files"] = dataclasses.asdict(extras.files)
-            self._changed(lease.id)
-            if conn is not None:
-                conn.send(protocol.ok(call_id, doc))
-            return
-        texts = self._grant_texts(call_id, lease, extras, conn)
-        if texts is None:  # an unusual lease: the general encoders
-            self._changed(lease.id)
-            if conn is not None:
-                conn.send(protocol.ok(call_id, self.lease_document(lease, with_token=True)))
-            return
-        reply, line = texts
+        reply = protocol.encode(protocol.ok(call_id, doc))
         if self.state is not None:
-            self.state.record_line(self, line)
+            undo = functools.partial(self._unrecorded, lease.id, conn, call_id, reply)
+            self.state.record_grant(lease.id, lease_record(lease, extras), undo)
         if self.notify is not None:
             self._notify_status()
         if conn is not None:
             conn.send_bytes(reply)
 
-    def _grant_texts(
-        self, rid: Any, lease: Lease, extras: LeaseExtras, conn: Connection | None
-    ) -> tuple[bytes, str] | None:
-        """(the grant reply, its journal line), from ONE set of pre-encoded pieces: the
-        bytes the generic encoders would give for `lease_document` and `state.grant_line`
-        (tests/test_lease_json.py), at a fraction of their cost. None for a lease they
-        must build (odd types, lone surrogates)."""
-        h = extras.holder
-        start = h.starttime
-        owner = lease.owner
-        granted_at = lease.granted_at
-        if type(granted_at) is not float or not (start is None or type(start) is int):
-            return None
-        if len(owner) == 2 and owner[0] == "conn" and type(owner[1]) is int:
-            owner_json = f'"conn",{owner[1]}'
-        elif all(type(x) is str or type(x) is int for x in owner):
-            owner_json = ",".join(json_str(x) if type(x) is str else str(x) for x in owner)
-        else:
-            return None
-        holder = conn.holder_json if conn is not None and h is conn.peer else None
-        if holder is None:
-            holder = holder_json(h)
-            if conn is not None and h is conn.peer:
-                conn.holder_json = holder
-        lid = json_str(lease.id)
-        label = "null" if lease.label is None else json_str(lease.label)
-        resources = protocol.held_json(lease.held)
-        request = protocol.wire_json(lease.request)
-        token = json_str(extras.token)
-        groups = lease.groups
-        if len(groups) == 1 and len(groups[0]) == 1:  # the usual lease: one unit
-            u = groups[0][0]
-            t, i, n = json_str(u.type), json_str(u.id), int(u.slots)
-            groups_obj = f'[[{{"type":{t},"id":{i},"slots":{n}}}]]'
-            groups_list = f"[[[{t},{i},{n}]]]"
-        else:
-            groups_obj = protocol.slice_groups_json(groups, as_objects=True)
-            groups_list = protocol.slice_groups_json(groups, as_objects=False)
-        props = self._properties(lease)
-        text = (
-            f'{{"id":{protocol.id_json(rid)},"ok":true,"result":{{"id":{lid},"label":{label},'
-            f'"resources":{resources},"groups":{groups_obj},"request":{request},'
-            f'"properties":{protocol.json_value(props) if props else "{}"},'
-            f'"holder":{holder},"token":{token}}}}}\n'
-        )
-        try:
-            reply = text.encode()
-        except UnicodeEncodeError:  # a lone surrogate in a label or token
-            return None
-        line = grant_line_of(
-            lid, owner_json, request, groups_list, resources, label, holder, granted_at, token
-        )
-        return reply, line
+    def _unrecorded(
+        self, lease_id: str, conn: Connection | None, call_id: Any, reply: bytes
+    ) -> None:
+        """The grant's journal line could not be written (a full disk): a restart would
+        forget the lease, so it is not given: its reply becomes an error, the lease ends."""
+        lease = self.allocator.leases.get(lease_id)
+        if lease is None:  # ended already in this turn (its connection went away)
+            return
+        self._log(f"grant {lease_id} withdrawn: the journal could not be written", important=True)
+        if conn is not None:
+            why = NotRecorded(
+                "the agent could not record the lease (its state dir cannot be written): "
+                "nothing was granted"
+            )
+            conn.replace_frame(reply, protocol.encode(protocol.error(call_id, why)))
+        self.dispatch(self.allocator.release(lease.owner, lease_id, now=time.monotonic()))
 
     def _new_token(self) -> str:
         """What secrets.token_hex(16) returns, from urandom drawn 4 KiB at a time: one
@@ -484,15 +436,13 @@ class Service:
         if self.log_events:
             self._log(f"{how} {lease_id}")
         if self.state is not None:
-            self.state.record_end(self, lease_id)
+            self.state.record_end(lease_id)
         if self.notify is not None:
             self._notify_status()
 
     def _close_pidfd(self, extras: LeaseExtras) -> None:
         if extras.pidfd is not None:
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(extras.pidfd)
-            os.close(extras.pidfd)
+            self.pids.release(extras.pidfd)
             extras.pidfd = None
 
     def lease_document(self, lease: Lease, *, with_token: bool) -> dict[str, Any]:

@@ -1,25 +1,26 @@
-"""Durable leases: the lease table as an append-only journal in the state directory.
+"""The lease journal: its format, how it is read, and the writer the server records into.
 
-Why a journal and no fsync per grant: what the file must survive is the agent's own
-death (SIGKILL, a crash, an upgrade), and a `write()` that returned is in the page cache,
-where the next agent reads it, whatever happens to the writer. What an fsync would add is
-survival of a kernel crash or power loss, and those kill every lease holder too: the file
-records the boot id, and state from an earlier boot is dropped whole. An fsync costs
-0.6-3 ms on this disk; the agent's whole acquire+release cycle costs ~0.1-0.4 ms.
-Compaction (the journal rewritten as a snapshot: temp file, fsync, rename, fsync of the
-directory) is rare, and after it the file is either the old or the new one.
+What the file must survive is the agent's own death (SIGKILL, a crash, an upgrade). A
+`write()` that returned is in the page cache, where the next agent reads it whatever
+happened to the writer, so nothing here fsyncs: a kernel crash or a power loss also kills
+every lease holder, and the header's boot id makes the next agent drop the old leases.
+
+Each line is one framed record: `JSON<TAB>LENGTH:CRC32\\n`, the length and the CRC-32
+(hex) being those of the JSON bytes. The trailer is read from the end of the line, so a
+record survives whatever precedes it on its line (a torn record, zeros, garbage), and a
+record that is itself damaged loses only itself (`read_journal`).
 
 Ordering, the one rule: nothing a client is told may be ahead of the file. The server
-records every change (`record`) before it answers; replies are queued, and at the end of
-the loop turn the journal's pending lines go out in one `write()` before any queued reply
-does (`Server._flush_outbox`; `Connection.close` flushes the same way). A change no reply
-follows (a reap) is flushed at the end of the loop turn too.
+records a change (`record_grant`, `record_end`) before it answers; at the end of the loop
+turn `flush` writes the pending lines in one `write()`, before any reply of that turn
+leaves. If that write fails, each grant of the batch is undone (its `undo` runs), so the
+client is told the grant failed instead of holding a lease a restart would forget.
 
-File: `leases.jsonl`, one JSON object per line: a header (format, version, boot id),
-then `{"grant": RECORD}` (a lease granted, or re-bound: the last one for an id wins) and
-`{"end": ID}`. Only the last line may be incomplete (a write cut short by SIGKILL, never
-acknowledged); anything else unreadable means the file is corrupt: it is moved aside to
-`leases.jsonl.corrupt-<time>` with a loud log line and the agent starts empty.
+Compaction rewrites the journal as a snapshot of the live leases in a worker thread (a
+temporary file renamed over the journal); the loop only hands over the lines it already
+holds and, at the end, appends what was written meanwhile and renames.
+
+Restoring the leases (re-adopting live holders) is `restore.py`'s job, not this module's.
 """
 
 from __future__ import annotations
@@ -27,30 +28,42 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import stat
 import time
-from collections.abc import Callable
-from dataclasses import asdict
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, RpoolAgentError
-from .protocol import held_json, json_str, opt_str_json, slice_groups_json, wire_json
+from .statedir import (
+    exists,
+    lock_dir,
+    open_private_dir,
+    open_regular,
+    read_all,
+    stamp,
+    write_all,
+    write_new_file,
+)
 
 FORMAT = "rpool-agent-state"
-VERSION = 1
+VERSION = 2
 FILE_NAME = "leases.jsonl"
 LOCK_NAME = "lock"
+#: An admin creates this file in the state dir to start with no leases (`docs/durability.md`).
+FORGET_NAME = "forget-leases"
 
 #: Compact once the journal holds this many lines more than twice the live leases
-#: (`RPOOL_AGENT_COMPACT_SLACK` overrides it: the crash test compacts often).
+#: (`RPOOL_AGENT_COMPACT_SLACK` overrides it: tests and the bench compact often).
 COMPACT_SLACK = 2048
 
-_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_TMP_PREFIX = f".{FILE_NAME}."
+_dumps = json.JSONEncoder(separators=(",", ":")).encode  # ASCII: any str is writable
 
 
 class StateCorrupt(RpoolAgentError):
-    """The state file cannot be trusted (never raised past `StateStore.restore`)."""
+    """The state file cannot be trusted as a whole."""
 
 
 def boot_id(path: str = "/proc/sys/kernel/random/boot_id") -> str | None:
@@ -61,78 +74,27 @@ def boot_id(path: str = "/proc/sys/kernel/random/boot_id") -> str | None:
         return None
 
 
-# --- reading ------------------------------------------------------------------------------
+# --- the format ---------------------------------------------------------------------------
 
 
-def load_records(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """(header, {lease id: grant record}) as the journal says now; StateCorrupt if bad.
-
-    Pure reading, no side effects: the tests check the file with this too.
-    """
-    with open(path, "rb") as f:
-        data = f.read()
-    # What follows the last newline is empty, or a write cut short by SIGKILL, which
-    # no one was told about (replies leave only after a write returns): not a record.
-    lines = data.split(b"\n")[:-1]
-    if not lines:
-        raise StateCorrupt("the state file is empty")
-    header = _json_line(lines[0], 1)
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise StateCorrupt("line 1 is not an rpool-agent state header")
-    if header.get("version") != VERSION:
-        raise StateCorrupt(f"state format version {header.get('version')!r}, expected {VERSION}")
-    leases: dict[str, dict[str, Any]] = {}
-    for n, raw in enumerate(lines[1:], 2):
-        entry = _json_line(raw, n)
-        if not isinstance(entry, dict) or len(entry) != 1:
-            raise StateCorrupt(f"line {n}: expected one 'grant' or 'end' entry")
-        if "grant" in entry:
-            rec = entry["grant"]
-            _check_record(rec, n)
-            leases.pop(rec["id"], None)  # a re-grant moves to the end: keeps grant order
-            leases[rec["id"]] = rec
-        elif "end" in entry and isinstance(entry["end"], str):
-            leases.pop(entry["end"], None)
-        else:
-            raise StateCorrupt(f"line {n}: expected one 'grant' or 'end' entry")
-    return header, leases
+def frame(obj: Any) -> bytes:
+    """One journal line: the JSON, a tab, its length and CRC-32, a newline."""
+    data = _dumps(obj).encode()
+    return b"%s\t%d:%08x\n" % (data, len(data), zlib.crc32(data))
 
 
-def _json_line(raw: bytes, n: int) -> Any:
-    try:
-        return json.loads(raw)
-    except ValueError as exc:
-        raise StateCorrupt(f"line {n} is not JSON ({exc})") from None
-
-
-def _check_record(rec: Any, n: int) -> None:
-    from .lease import Lease
-
-    if not isinstance(rec, dict):
-        raise StateCorrupt(f"line {n}: a grant must be an object")
-    try:
-        Lease.from_dict(rec)
-    except ConfigError as exc:
-        raise StateCorrupt(f"line {n}: {exc}") from None
-    holder = rec.get("holder")
-    if not isinstance(holder, dict) or not all(
-        _is_int(holder.get(k)) for k in ("pid", "uid", "gid")
-    ):
-        raise StateCorrupt(f"line {n}: lease {rec['id']!r} has no holder pid/uid/gid")
-    start = holder.get("starttime")
-    if start is not None and not _is_int(start):
-        raise StateCorrupt(f"line {n}: lease {rec['id']!r} has a bad holder start time")
-    if not isinstance(rec.get("token"), str) or not rec["token"]:
-        raise StateCorrupt(f"line {n}: lease {rec['id']!r} has no token")
-    files = rec.get("files")
-    if files is not None and not (
-        isinstance(files, dict) and all(isinstance(v, str) for v in files.values())
-    ):
-        raise StateCorrupt(f"line {n}: lease {rec['id']!r} has bad 'files'")
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+def unframe(line: bytes) -> tuple[Any, bool]:
+    """(the object of one framed line without its newline, whether bytes that are not
+    part of the record precede it); ValueError if the record is damaged."""
+    tab = line.rfind(b"\t")
+    if tab < 0:
+        raise ValueError("no frame trailer")
+    length, _, crc = line[tab + 1 :].partition(b":")
+    n = int(length)
+    data = line[tab - n : tab]
+    if n <= 0 or len(data) != n or len(crc) != 8 or int(crc, 16) != zlib.crc32(data):
+        raise ValueError("checksum mismatch")
+    return json.loads(data), tab > n
 
 
 def lease_record(lease: Any, extras: Any) -> dict[str, Any]:
@@ -146,365 +108,437 @@ def lease_record(lease: Any, extras: Any) -> dict[str, Any]:
     return rec
 
 
-def grant_line(lease: Any, extras: Any) -> str:
-    """`_encode({"grant": lease_record(lease, extras)})`, built from pre-encoded pieces: one
-    is written per grant (tests/test_lease_json.py checks it byte for byte)."""
-    h = extras.holder
-    start = h.starttime
-    owner = lease.owner
-    if (
-        extras.files is not None
-        or type(lease.granted_at) is not float
-        or not (start is None or type(start) is int)
-        or not all(type(x) is str or type(x) is int for x in owner)
+def header_record() -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "boot_id": boot_id(),
+        "agent_pid": os.getpid(),
+        "written": time.time(),
+    }
+
+
+@dataclass
+class Journal:
+    """What a journal says: its header (None if lost), the live lease records in grant
+    order, and the 1-based numbers of the lines that could not be used."""
+
+    header: dict[str, Any] | None
+    leases: dict[str, dict[str, Any]] = field(default_factory=dict)
+    damaged: list[int] = field(default_factory=list)
+    records: int = 0  # intact records, the header included
+
+
+def read_journal(data: bytes) -> Journal:
+    """Replay a journal's bytes. Pure: the tests check files with it too.
+
+    A line that is not an intact record of the right shape is noted in `damaged` and
+    skipped; every other record counts. What follows the last newline is a write cut
+    short (never acknowledged: replies leave after the write returns) and is ignored.
+    Raises StateCorrupt only for a file from a format this agent cannot read.
+    """
+    lines = data.split(b"\n")[:-1]
+    legacy = False
+    if lines and lines[0].endswith(b"}"):  # version 1 had no frames
+        with contextlib.suppress(ValueError):
+            first = json.loads(lines[0])
+            legacy = isinstance(first, dict) and first.get("version") == 1
+    out = Journal(header=None)
+    leases = out.leases
+    for n, raw in enumerate(lines, 1):
+        try:
+            entry, junk = (json.loads(raw), False) if legacy else unframe(raw)
+        except ValueError:
+            out.damaged.append(n)
+            continue
+        if junk:  # what is left of a damaged record, then an intact one
+            out.damaged.append(n)
+        if isinstance(entry, dict) and entry.get("format") == FORMAT:
+            if entry.get("version") not in (1, VERSION):
+                raise StateCorrupt(f"state format version {entry.get('version')!r}")
+            out.header = entry
+            out.records += 1
+            continue
+        lease_id = _apply(entry, leases)
+        if lease_id is None:
+            if not junk:
+                out.damaged.append(n)
+        else:
+            out.records += 1
+    return out
+
+
+def _apply(entry: Any, leases: dict[str, dict[str, Any]]) -> str | None:
+    """Replay one `grant` or `end` entry; the lease id, or None for a wrong shape."""
+    if not isinstance(entry, dict) or len(entry) != 1:
+        return None
+    if "end" in entry:
+        lid = entry["end"]
+        if not isinstance(lid, str):
+            return None
+        leases.pop(lid, None)
+        return lid
+    rec = entry.get("grant")
+    if not check_record(rec):
+        return None
+    leases.pop(rec["id"], None)  # a re-grant moves to the end: keeps grant order
+    leases[rec["id"]] = rec
+    return rec["id"]
+
+
+def check_record(rec: Any) -> bool:
+    """Whether a grant record has every field a restore relies on, of the right type."""
+    from .lease import Lease
+
+    if not isinstance(rec, dict):
+        return False
+    holder = rec.get("holder")
+    files = rec.get("files")
+    if not (
+        isinstance(holder, dict)
+        and all(_is_int(holder.get(k)) for k in ("pid", "uid", "gid"))
+        and (holder.get("starttime") is None or _is_int(holder["starttime"]))
+        and isinstance(rec.get("token"), str)
+        and rec["token"]
+        and (
+            files is None
+            or (isinstance(files, dict) and all(isinstance(v, str) for v in files.values()))
+        )
     ):
-        return _encode({"grant": lease_record(lease, extras)})
-    return grant_line_of(
-        json_str(lease.id),
-        ",".join(json_str(x) if type(x) is str else str(x) for x in owner),
-        wire_json(lease.request),
-        slice_groups_json(lease.groups, as_objects=False),
-        held_json(lease.held),
-        opt_str_json(lease.label),
-        holder_json(h),
-        lease.granted_at,
-        json_str(extras.token),
-    )
+        return False
+    try:
+        Lease.from_dict(rec)
+    except (RpoolAgentError, TypeError, ValueError, KeyError, AttributeError):
+        return False
+    return True
 
 
-def holder_json(h: Any) -> str:
-    """A holder as its journal line and the grant reply write it."""
-    start = h.starttime
-    return (
-        f'{{"pid":{int(h.pid)},"uid":{int(h.uid)},"gid":{int(h.gid)},'
-        f'"starttime":{"null" if start is None else start}}}'
-    )
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
-def grant_line_of(
-    lid: str,
-    owner: str,
-    request: str,
-    groups: str,
-    resources: str,
-    label: str,
-    holder: str,
-    granted_at: float,
-    token: str,
-) -> str:
-    """The grant line from its pieces, each already JSON (the server's hot path builds
-    them once for the line and the reply; `grant_line` builds them from a lease)."""
-    return (
-        f'{{"grant":{{"id":{lid},"owner":[{owner}],"request":{request},"groups":{groups},'
-        f'"resources":{resources},"label":{label},"holder":{holder},'
-        f'"granted_at":{granted_at!r},"token":{token}}}}}'
-    )
+def load_records(
+    path: str | os.PathLike[str],
+) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
+    """(header, {lease id: grant record}) of a journal file (for tests and tools)."""
+    with open(path, "rb") as f:
+        j = read_journal(f.read())
+    return j.header, j.leases
 
 
-# --- the store ----------------------------------------------------------------------------
+# --- the writer ---------------------------------------------------------------------------
 
 
 class StateStore:
-    """The server's journal: `restore` once at start, `record` per change, `flush`."""
+    """The server's journal: `open` once at start, `start` with the kept leases, then a
+    `record_*` per change and `flush` at the end of each loop turn."""
 
     def __init__(self, directory: str | os.PathLike[str], compact_slack: int | None = None) -> None:
         self.directory = Path(directory)
         env = os.environ.get("RPOOL_AGENT_COMPACT_SLACK", "")
         self.compact_slack = compact_slack or (int(env) if env.isdigit() else COMPACT_SLACK)
         self.path = self.directory / FILE_NAME
-        self.pending: list[str] = []
-        self._fd: int | None = None
+        self._dir_fd: int | None = None
         self._lock_fd: int | None = None
+        self._fd: int | None = None
+        self._pending: list[tuple[bytes, Callable[[], None] | None]] = []
+        self._live: dict[str, bytes] = {}  # lease id -> its framed grant line
         self._lines = 0
         self._closed = False
         self._failing = False  # the last write failed; said so once
-        self._server: Any = None
+        self._dirty = False  # a write failed: the file needs a snapshot
+        self._compacting: list[bytes] | None = None  # lines written since the snapshot
+        self._job: Any = None  # the snapshot being written (a concurrent.futures.Future)
+        self._pool: Any = None  # its one worker thread, started at the first compaction
         self._by_token: dict[str, str] = {}  # restored leases not yet re-claimed
-        self._boot = boot_id()
+        self._token_of: dict[str, str] = {}
+        self._at_turn_end: Callable[[Callable[[], None]], None] = lambda fn: None
+        self._log: Callable[[str], None] = lambda line: None
 
     @classmethod
     def for_dir(cls, directory: str | os.PathLike[str]) -> StateStore:
         return cls(directory)
 
+    @property
+    def pending(self) -> bool:
+        """Whether lines wait to be written (the server flushes them before replies)."""
+        return bool(self._pending)
+
     # --- start ----------------------------------------------------------------------------
 
-    def restore(self, server: Any) -> None:
-        """Re-adopt the leases whose holder still runs; drop the rest; compact.
+    def open(self, log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+        """Lock the state dir and read the journal: the lease records to try to re-adopt.
 
-        A re-adopted lease is bound to its holder process (a pidfd: held until it exits)
-        until a client re-claims it by id and token.
+        Fails closed (ConfigError) when the leases of an earlier agent are lost as a whole
+        (journal missing, or nothing in it readable) and no admin said to forget them.
         """
-        self._server = server
-        self._open_dir()
-        records = self._read(server.log)
-        kept, dropped = [], []
-        for rec in records.values():
-            (kept if self._adopt(server, rec) else dropped).append(rec["id"])
-        for rec in records.values():
-            files = _lease_files(rec.get("files")) if rec["id"] in dropped else None
-            if files is not None:
-                from .handoff import remove_lease_files
-
-                remove_lease_files(files)
-        if records:
-            server.log(
-                f"state: restored {len(kept)} lease(s) whose holder still runs"
-                + (f" ({', '.join(kept)})" if kept else "")
-                + f", dropped {len(dropped)}"
-                + (f" ({', '.join(dropped)})" if dropped else "")
-            )
+        self._log = log
+        dir_fd = self._dir_fd = open_private_dir(self.directory)
+        self._lock_fd, existed = lock_dir(dir_fd, self.directory, LOCK_NAME)
+        for name in os.listdir(dir_fd):  # a snapshot an earlier agent did not finish
+            if name.startswith(_TMP_PREFIX) and name.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=dir_fd)
+        forget = exists(FORGET_NAME, dir_fd)
         try:
-            self._compact()
+            fd = open_regular(FILE_NAME, dir_fd, os.O_RDONLY)
+        except FileNotFoundError:
+            data = None
         except OSError as exc:
-            raise ConfigError(f"state dir {self.directory}: {exc.strerror or exc}") from None
-
-    def _open_dir(self) -> None:
-        d = self.directory
-        try:
-            d.mkdir(mode=0o700, parents=True, exist_ok=True)
-            st = d.lstat()
-        except OSError as exc:
-            raise ConfigError(f"state dir {d}: {exc.strerror or exc}") from None
-        if not stat.S_ISDIR(st.st_mode):
-            raise ConfigError(f"state dir {d} is not a directory")
-        if st.st_uid != os.geteuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            raise ConfigError(
-                f"state dir {d} must be owned by this user and writable by it alone "
-                f"(mode {stat.S_IMODE(st.st_mode):04o})"
-            )
-        import fcntl
-
-        fd = os.open(d / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise ConfigError(f"another agent keeps its leases in {d}") from None
-        self._lock_fd = fd
-
-    def _read(self, log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
-        """The recorded leases; {} when there is no file, or (loudly) a bad one."""
-        if not self.path.exists():
-            return {}
-        try:
-            header, records = load_records(self.path)
-        except (OSError, StateCorrupt) as exc:
-            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            aside = self.path.with_name(
-                f"{FILE_NAME}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-            )
+            raise ConfigError(f"{self.path}: {exc.strerror or exc}") from None
+        else:
             try:
-                os.replace(self.path, aside)
-                where = f"moved to {aside}"
-            except OSError as err:
-                where = f"could not be moved aside ({err.strerror}); it will be replaced"
-            log(
-                f"STATE FILE CORRUPT: {self.path}: {why}; {where}. Starting with NO leases: "
-                "GPUs leased before this restart are NOT protected until their jobs end."
-            )
+                data = read_all(fd)
+            finally:
+                os.close(fd)
+        if forget:
+            self._forget(data, log)
             return {}
-        if self._boot is not None and header.get("boot_id") != self._boot:
-            if records:
-                log(f"state: {len(records)} lease(s) from an earlier boot dropped")
+        if data is None:
+            if existed:
+                raise self._lost("an earlier agent used it, but it has no " + FILE_NAME)
             return {}
-        return records
-
-    def _adopt(self, server: Any, rec: dict[str, Any]) -> bool:
-        from .holders import Holder, LeaseExtras, open_pidfd
-        from .lease import Lease
-
-        h = rec["holder"]
-        holder = Holder(h["pid"], h["uid"], h["gid"], h.get("starttime"))
-        if holder.starttime is None or holder.pid == os.getpid():
-            return False  # a holder we cannot tell from a recycled pid is not trusted
-        fd = open_pidfd(holder.pid, holder.starttime)
-        if fd is None:
-            return False
-        owner = ("pid", holder.pid, holder.starttime)
         try:
-            lease = Lease.from_dict({**rec, "owner": list(owner)})
-            server.allocator.adopt(lease)
-        except RpoolAgentError as exc:
-            os.close(fd)
-            server.log(f"state: lease {rec['id']} not restored: {exc}")
-            return False
-        files = _lease_files(rec.get("files"))
-        server.extras[lease.id] = LeaseExtras(rec["token"], holder, files, fd)
-        import asyncio
+            journal = read_journal(data)
+        except StateCorrupt as exc:
+            raise ConfigError(f"{self.path}: {exc}; refusing to start") from None
+        if journal.records == 0:
+            raise self._lost(f"{FILE_NAME} holds no readable record")
+        if journal.damaged:
+            copy = f"{FILE_NAME}.damaged-{stamp()}"
+            with contextlib.suppress(OSError):
+                write_new_file(dir_fd, copy, data)
+            shown = ", ".join(map(str, journal.damaged[:10])) + (
+                ", ..." if len(journal.damaged) > 10 else ""
+            )
+            log(
+                f"STATE FILE DAMAGED: {self.path}: {len(journal.damaged)} line(s) unreadable "
+                f"(line {shown}), skipped; the {journal.records} intact record(s) are used. "
+                f"A lease granted on a damaged line is NOT protected. Copy kept as {copy}."
+            )
+        here = boot_id()
+        if journal.header is None:
+            log("state: the journal's header is lost; its boot is unknown: holders are checked")
+        elif here is not None and journal.header.get("boot_id") != here:
+            if journal.leases:
+                log(f"state: {len(journal.leases)} lease(s) from an earlier boot dropped")
+            return {}
+        return journal.leases
 
-        asyncio.get_running_loop().add_reader(fd, server._holder_exited, owner)
-        self._by_token[rec["token"]] = lease.id
-        return True
+    def _lost(self, why: str) -> ConfigError:
+        return ConfigError(
+            f"state dir {self.directory}: {why}: the leases it recorded are lost, and their "
+            f"jobs may still run. Refusing to start with no leases. Once those jobs are gone "
+            f"(or to take the risk), create {self.directory / FORGET_NAME} and start again."
+        )
+
+    def _forget(self, data: bytes | None, log: Callable[[str], None]) -> None:
+        """The admin said to start with no leases: keep the old journal aside, say so."""
+        assert self._dir_fd is not None
+        aside = f"{FILE_NAME}.forgotten-{stamp()}"
+        if data is not None:
+            os.rename(FILE_NAME, aside, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+        os.unlink(FORGET_NAME, dir_fd=self._dir_fd)
+        log(
+            f"state: {FORGET_NAME} found: starting with NO leases, as an admin asked"
+            + (f" (the old journal is kept as {aside})" if data is not None else "")
+        )
+
+    def start(
+        self,
+        records: Iterable[dict[str, Any]],
+        *,
+        at_turn_end: Callable[[Callable[[], None]], None],
+        log: Callable[[str], None],
+    ) -> None:
+        """Begin a new journal holding `records` (the re-adopted leases), before anyone
+        can connect. `at_turn_end(fn)` runs fn once at the end of the loop turn; `log`
+        reports write failures (important lines)."""
+        self._at_turn_end = at_turn_end
+        self._log = log
+        self._live = {rec["id"]: frame({"grant": rec}) for rec in records}
+        try:
+            fd, tmp = _snapshot(self._dir_fd, list(self._live.values()))
+            self._install(fd, tmp)
+        except (OSError, ConfigError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ConfigError(f"state dir {self.directory}: {why}") from None
+
+    def note_restored(self, token: str, lease_id: str) -> None:
+        """A re-adopted lease: an acquire retried with its token gets it back."""
+        self._by_token[token] = lease_id
+        self._token_of[lease_id] = token
 
     def restored_lease(self, token: str) -> str | None:
         """The id of a restored lease with this token: an acquire whose reply the agent's
         death cut off, retried by its client, gets that lease back, not a second one."""
-        return self._by_token.get(token) if self._by_token else None
+        return self._by_token.get(token)
 
     # --- changes --------------------------------------------------------------------------
 
-    def record(self, server: Any, lease_id: str) -> None:
-        """Lease `lease_id` was granted, re-bound or ended: queue its line (no I/O here)."""
+    def record_grant(
+        self, lease_id: str, record: dict[str, Any], undo: Callable[[], None] | None = None
+    ) -> None:
+        """Lease `lease_id` was granted or re-bound (`record` from `lease_record`). If its
+        line cannot be written, `undo` runs (at the flush) instead of the reply leaving."""
         if self._closed:
             return
-        lease = server.allocator.leases.get(lease_id)
-        extras = server.extras.get(lease_id)
-        if lease is not None and extras is not None:
-            self.record_line(server, grant_line(lease, extras))
-        else:
-            self.record_end(server, lease_id)
+        line = frame({"grant": record})
+        self._live.pop(lease_id, None)  # a re-grant moves to the end, as in the file
+        self._live[lease_id] = line
+        self._queue(line, undo)
 
-    def record_end(self, server: Any, lease_id: str) -> None:
-        """`record` for a lease that ended."""
+    def record_end(self, lease_id: str) -> None:
+        """Lease `lease_id` ended (released, reaped, or its grant undone)."""
         if self._closed:
             return
-        self.pending.append('{"end":' + json_str(lease_id) + "}")
-        if self._by_token:
-            self._by_token = {t: i for t, i in self._by_token.items() if i != lease_id}
-        server.at_turn_end(self._end_of_turn)
+        self._live.pop(lease_id, None)
+        token = self._token_of.pop(lease_id, None)
+        if token is not None:
+            del self._by_token[token]
+        self._queue(frame({"end": lease_id}), None)
 
-    def record_line(self, server: Any, line: str) -> None:
-        """`record` for a grant whose line the server built (with its reply)."""
-        if self._closed:
-            return
-        self.pending.append(line)
-        server.at_turn_end(self._end_of_turn)
+    def _queue(self, line: bytes, undo: Callable[[], None] | None) -> None:
+        self._pending.append((line, undo))
+        if len(self._pending) == 1:
+            self._at_turn_end(self._end_of_turn)
 
     def flush(self) -> None:
-        """Write every pending line in one `write()`; before any reply leaves."""
-        if not self.pending:
+        """Write every pending line in one `write()`, before any reply of the turn leaves.
+        On failure each grant of the batch is undone."""
+        if not self._pending or self._fd is None:
             return
-        data = _utf8_lines(self.pending)
-        self._lines += len(self.pending)
-        self.pending = []
+        batch, self._pending = self._pending, []
+        data = b"".join(line for line, _ in batch)
+        if self._compacting is not None:
+            self._compacting.append(data)
         try:
-            if self._fd is None:  # after a failed write: the whole snapshot, not lines
-                self._compact()
-            else:
-                _write_all(self._fd, data)
+            write_all(self._fd, data)
         except OSError as exc:
             self._write_failed(exc)
+            for _, undo in batch:
+                if undo is not None:
+                    try:
+                        undo()
+                    except Exception as err:  # a bug: the other grants are still undone
+                        self._log(f"state: undoing a grant failed: {err!r}")
             return
+        self._lines += len(batch)
         if self._failing:
             self._failing = False
-            self._say(f"state: {self.path} is written again; the leases are durable again")
+            self._log(f"state: {self.path} is written again")
 
     def _write_failed(self, exc: OSError) -> None:
-        """A full disk, a quota, a read-only remount: keep serving (a CI node with a full
-        /var must not stop handing out GPUs), say so loudly once, and rewrite the whole
-        snapshot at the next change, since the journal has missed lines by now."""
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            with contextlib.suppress(OSError):  # EIO from close(): the number is freed anyway
-                os.close(fd)
+        """A full disk, a quota, a read-only remount: say so loudly once; the grants of
+        the batch are undone; the journal gets a snapshot once writes work again."""
+        self._dirty = True
         if not self._failing:
             self._failing = True
-            self._say(
-                f"STATE WRITE FAILED: {self.path}: {exc.strerror or exc}. Serving on; leases "
-                "granted or ended from now on do NOT survive an agent restart until a "
-                "write succeeds again (retried at every change)."
+            self._log(
+                f"STATE WRITE FAILED: {self.path}: {exc.strerror or exc}. Acquires that would "
+                "be granted are refused until the journal can be written again."
             )
-
-    def _say(self, line: str) -> None:
-        if self._server is not None:
-            self._server._log(line, important=True)
 
     def _end_of_turn(self) -> None:
         self.flush()
-        if (
+        if self._pending:  # an undo recorded more: the server calls us again
+            self._at_turn_end(self._end_of_turn)
+        elif (
             self._fd is not None
-            and self._server is not None
-            and self._lines > self.compact_slack + 2 * len(self._server.extras)
+            and self._compacting is None
+            and (self._dirty or self._lines > self.compact_slack + 2 * len(self._live))
         ):
-            try:
-                self._compact()
-            except OSError as exc:
-                self._write_failed(exc)
+            self._compact()
+
+    # --- compaction -----------------------------------------------------------------------
 
     def _compact(self) -> None:
-        """Rewrite the journal as a snapshot of the live leases: old file or new, never half."""
-        server = self._server
-        self.pending = []
-        lines = [
-            _encode(
-                {
-                    "format": FORMAT,
-                    "version": VERSION,
-                    "boot_id": self._boot,
-                    "agent_pid": os.getpid(),
-                    "written": time.time(),
-                }
-            )
-        ]
-        if server is not None:
-            leases = server.allocator.leases
-            lines += [
-                _encode({"grant": lease_record(leases[i], ex)})
-                for i, ex in server.extras.items()
-                if i in leases
-            ]
-        tmp = self.path.with_name(f".{FILE_NAME}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        """Snapshot the live leases in a worker thread; `_compacted` finishes on the loop."""
+        import asyncio
+
+        lines = list(self._live.values())
+        self._compacting = []
         try:
-            _write_all(fd, _utf8_lines(lines))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        _fsync_dir(self.directory)
-        old, self._fd = self._fd, None  # never keep a number that is closed (and reused)
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a test driving a store alone): right here
+            self._compacted(None, lambda: _snapshot(self._dir_fd, lines))
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="rpool-journal")
+        job = self._job = self._pool.submit(_snapshot, self._dir_fd, lines)
+        asyncio.wrap_future(job, loop=loop).add_done_callback(
+            lambda done: self._compacted(job, done.result)
+        )
+
+    def _compacted(self, job: Any, result: Callable[[], tuple[int, str]]) -> None:
+        """Append what was written since the snapshot, then rename it over the journal."""
+        if job is not self._job:  # `close` has dealt with it
+            return
+        self._job = None
+        since, self._compacting = self._compacting or [], None
+        try:
+            fd, tmp = result()
+        except (OSError, ConfigError) as exc:
+            self._write_failed(exc if isinstance(exc, OSError) else OSError(str(exc)))
+            return
+        try:
+            write_all(fd, b"".join(since))
+            self._install(fd, tmp)
+        except OSError as exc:
+            _discard(fd, tmp, self._dir_fd)
+            self._write_failed(exc)
+            return
+        self._dirty = False
+        if self._failing:
+            self._failing = False
+            self._log(f"state: {self.path} is written again")
+
+    def _install(self, fd: int, tmp: str) -> None:
+        """Rename the snapshot `tmp` (open as `fd`) over the journal and append to it."""
+        os.replace(tmp, FILE_NAME, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+        old, self._fd = self._fd, fd
         if old is not None:
-            os.close(old)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        self._lines = len(lines)
+            with contextlib.suppress(OSError):  # EIO from close(): the number is freed anyway
+                os.close(old)
+        self._lines = len(self._live) + 1
 
     def close(self) -> None:
         """Write what is pending, then record nothing more (the agent is stopping)."""
-        self.flush()
-        if self._failing:  # one more try to leave a file that matches the live leases
-            try:
-                self._compact()
-            except OSError:
-                self._say(f"state: {self.path} is still not writable; it is out of date")
+        if self._fd is not None:
+            self.flush()
         self._closed = True
-        for fd in (self._fd, self._lock_fd):
+        job, self._job = self._job, None
+        if job is not None:  # wait for the snapshot thread: it uses the dir's descriptor
+            with contextlib.suppress(Exception):
+                _discard(*job.result(timeout=60), self._dir_fd)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+        for fd in (self._fd, self._lock_fd, self._dir_fd):
             if fd is not None:
                 os.close(fd)
-        self._fd = self._lock_fd = None
+        self._fd = self._lock_fd = self._dir_fd = None
 
 
-def _utf8_lines(lines: list[str]) -> bytes:
-    """JSON lines as UTF-8. A client's label or token may hold a lone surrogate, which
-    UTF-8 cannot: such a line is written \\u-escaped (the same JSON), never refused, or one
-    odd label would stop the journal and every reply behind it."""
+def _snapshot(dir_fd: int | None, lines: list[bytes]) -> tuple[int, str]:
+    """Write a header and `lines` to a new temporary file in the state dir; (its open
+    descriptor, its name). Runs in a worker thread: no fsync (see the module doc)."""
+    assert dir_fd is not None
+    tmp = f"{_TMP_PREFIX}{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp, dir_fd=dir_fd)
+    fd = open_regular(tmp, dir_fd, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND)
     try:
-        return ("\n".join(lines) + "\n").encode()
-    except UnicodeEncodeError:
-        dump = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
-        return "".join(dump(json.loads(line)) + "\n" for line in lines).encode()
+        write_all(fd, frame(header_record()) + b"".join(lines))
+    except BaseException:
+        _discard(fd, tmp, dir_fd)
+        raise
+    return fd, tmp
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _lease_files(d: Any) -> Any:
-    """The recorded per-lease files as `handoff.LeaseFiles` (None if none, or malformed)."""
-    if not d:
-        return None
-    from .handoff import LeaseFiles
-
-    try:
-        return LeaseFiles(**d)
-    except TypeError:
-        return None
+def _discard(fd: int, tmp: str, dir_fd: int | None) -> None:
+    """Close and remove an unfinished snapshot."""
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(tmp, dir_fd=dir_fd)

@@ -1,0 +1,88 @@
+"""Restart: re-adopt the journaled leases whose holder still runs, before anyone connects.
+
+The journal (`state.py`) says which leases were held and by which process (pid and start
+time). A lease whose holder still runs is given back to the allocator, bound to that
+process until a client re-claims it by id and token; the rest are dropped and their
+per-lease files removed. Then the store starts a fresh journal holding what was kept.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .errors import RpoolAgentError
+from .holders import Holder, LeaseExtras
+from .lease import Lease
+from .state import StateStore, lease_record
+
+
+def restore_leases(server: Any, store: StateStore) -> None:
+    """Re-adopt what `store` recorded into `server` (its allocator, extras and pid watch),
+    then start the store's new journal. ConfigError if the state dir cannot be used."""
+    records = store.open(server.log)
+    kept: list[str] = []
+    dropped: list[str] = []
+    for rec in records.values():
+        (kept if _adopt(server, store, rec) else dropped).append(rec["id"])
+    for lease_id in dropped:
+        files = _lease_files(records[lease_id].get("files"))
+        if files is not None:
+            from .handoff import remove_lease_files
+
+            try:
+                remove_lease_files(files)
+            except OSError as exc:
+                server.log(f"state: files of dropped lease {lease_id}: {exc}")
+    if records:
+        server.log(
+            f"state: restored {len(kept)} lease(s) whose holder still runs"
+            + (f" ({_ids(kept)})" if kept else "")
+            + f", dropped {len(dropped)}"
+            + (f" ({_ids(dropped)})" if dropped else "")
+        )
+    leases = server.allocator.leases
+    store.start(
+        (lease_record(leases[i], server.extras[i]) for i in kept),
+        at_turn_end=server.at_turn_end,
+        log=lambda line: server._log(line, important=True),
+    )
+
+
+def _ids(ids: list[str], most: int = 20) -> str:
+    return ", ".join(ids[:most]) + (f", ... ({len(ids) - most} more)" if len(ids) > most else "")
+
+
+def _adopt(server: Any, store: StateStore, rec: dict[str, Any]) -> bool:
+    """Give one recorded lease back to the allocator if its holder still runs."""
+    h = rec["holder"]
+    holder = Holder(h["pid"], h["uid"], h["gid"], h.get("starttime"))
+    if holder.starttime is None or holder.pid == os.getpid():
+        return False  # a holder we cannot tell from a recycled pid is not trusted
+    owner = ("pid", holder.pid, holder.starttime)
+    fd = server.pids.watch(holder.pid, holder.starttime, owner)
+    if fd is None:
+        return False
+    try:
+        lease = Lease.from_dict({**rec, "owner": list(owner)})
+        server.allocator.adopt(lease)
+    except RpoolAgentError as exc:
+        server.pids.release(fd)
+        server.log(f"state: lease {rec['id']} not restored: {exc}")
+        return False
+    files = _lease_files(rec.get("files"))
+    server.extras[lease.id] = LeaseExtras(rec["token"], holder, files, fd)
+    store.note_restored(rec["token"], lease.id)
+    return True
+
+
+def _lease_files(d: Any) -> Any:
+    """The recorded per-lease files as `handoff.LeaseFiles` (None if none, or malformed)."""
+    if not d:
+        return None
+    from .handoff import LeaseFiles
+
+    try:
+        return LeaseFiles(**d)
+    except TypeError:
+        return None
