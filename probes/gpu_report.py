@@ -63,10 +63,16 @@ class GpuReport(Frozen):
     gpus: tuple[Gpu, ...]
     driver_version: str | None  # "550.54.15"
     cuda_driver_version: str | None  # "12.4"
-    source: str  # "nvml" | "procfs" | "none"
+    source: str  # "nvml" | "procfs" | "none" | "failed" (NVML is there but will not answer)
     problem: str | None  # one line for stderr: why no GPUs, or why the reading is partial
     #: the inherited `CUDA_VISIBLE_DEVICES` that restricted `gpus` (None: unset, or a tree)
     visible_devices: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)
+
+    @property
+    def failed(self) -> bool:
+        """NVML is installed but will not answer: no GPU can be offered, and `problem`
+        says why (detect exits non-zero; serve serves the CPUs and says so in status)."""
+        return self.source == "failed"

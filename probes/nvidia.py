@@ -33,6 +33,12 @@ LIBRARY = "libnvidia-ml.so.1"
 PROC_GPUS = "proc/driver/nvidia/gpus"
 PROC_VERSION = "proc/driver/nvidia/version"
 NVML_DEVICE_MIG_ENABLE = 1  # nvml.h; spelled out so the module needs no pynvml to import
+# nvml.h return codes that mean "this GPU is broken", not "this query does not apply":
+# TIMEOUT, IRQ_ISSUE, GPU_IS_LOST, RESET_REQUIRED, GPU_NOT_FOUND, UNKNOWN.
+DEVICE_BROKEN = frozenset({10, 11, 15, 16, 28, 999})
+# nvmlInit's "no driver here" (DRIVER_NOT_LOADED): a node without NVIDIA GPUs, unless the
+# driver's /proc files say otherwise. Every other nvmlInit error is NVML failing.
+NVML_ERROR_DRIVER_NOT_LOADED = 9
 
 
 # --- pure parsers ----------------------------------------------------------------------
@@ -151,6 +157,9 @@ class _Nvml:
         mismatch = getattr(lib, "NVMLLibraryMismatchError", lib.NVMLError)
         self._errors: tuple[type[BaseException], ...] = (lib.NVMLError, mismatch)
         self.last_error: str | None = None
+        #: the first error that says the device itself is broken (lost, unknown...), since
+        #: the caller last cleared it: such a GPU is left out, not offered half-read
+        self.broken: str | None = None
 
     def get(self, name: str, *args: Any, not_supported: Any = None) -> Any:
         """`pynvml.<name>(*args)`, bytes decoded; any NVML error -> None (field absent).
@@ -169,6 +178,8 @@ class _Nvml:
             return not_supported
         except self._errors as err:
             self.last_error = f"{name}: {err}"
+            if getattr(err, "value", None) in DEVICE_BROKEN and self.broken is None:
+                self.broken = self.last_error
             return None
         return value.decode(errors="replace") if isinstance(value, bytes) else value
 
@@ -199,11 +210,14 @@ def _read_migs(nv: _Nvml, handle: Any) -> tuple[MigDevice, ...]:
         mig = nv.get("nvmlDeviceGetMigDeviceHandleByIndex", handle, slot)
         if mig is None:  # NOT_FOUND: nothing configured in this slot
             continue
+        uuid = nv.get("nvmlDeviceGetUUID", mig)
+        if uuid is None:  # CUDA names a MIG device only by its UUID: unusable without
+            continue
         memory = nv.get("nvmlDeviceGetMemoryInfo", mig)
         out.append(
             MigDevice(
                 index=slot,
-                uuid=nv.get("nvmlDeviceGetUUID", mig) or "",
+                uuid=uuid,
                 name=nv.get("nvmlDeviceGetName", mig),
                 memory_bytes=memory.total if memory is not None else None,
                 gpu_instance_id=nv.get("nvmlDeviceGetGpuInstanceId", mig),
@@ -214,8 +228,16 @@ def _read_migs(nv: _Nvml, handle: Any) -> tuple[MigDevice, ...]:
 
 
 def _read_gpu(nv: _Nvml, index: int, root: Root, words: int) -> Gpu | None:
+    """GPU `index`, or None when its handle will not open, its UUID cannot be read, or any
+    query says the GPU itself is broken (lost, fallen off the bus): CUDA cannot use it
+    either, so it is left out (`nv.last_error` / `nv.broken` say why)."""
+    nv.broken = None
     handle = nv.get("nvmlDeviceGetHandleByIndex", index)
     if handle is None:
+        return None
+    uuid = nv.get("nvmlDeviceGetUUID", handle)
+    if uuid is None:
+        nv.broken = nv.broken or nv.last_error
         return None
     bus_id = _pci_bus_id(nv.first(("nvmlDeviceGetPciInfo_v3", "nvmlDeviceGetPciInfo"), handle))
 
@@ -233,9 +255,9 @@ def _read_gpu(nv: _Nvml, index: int, root: Root, words: int) -> Gpu | None:
     # A GPU that cannot do MIG (NotSupported) runs with MIG off; other errors: unknown.
     mode = nv.get("nvmlDeviceGetMigMode", handle, not_supported=(0, 0))
     mig_enabled = None if mode is None else mode[0] == NVML_DEVICE_MIG_ENABLE
-    return Gpu(
+    gpu = Gpu(
         index=index,
-        uuid=nv.get("nvmlDeviceGetUUID", handle) or "",
+        uuid=uuid,
         name=nv.get("nvmlDeviceGetName", handle),
         memory_bytes=memory.total if memory is not None else None,
         pci_bus_id=bus_id,
@@ -246,48 +268,68 @@ def _read_gpu(nv: _Nvml, index: int, root: Root, words: int) -> Gpu | None:
         mig_enabled=mig_enabled,
         mig_devices=_read_migs(nv, handle) if mig_enabled else (),
     )
+    return None if nv.broken else gpu
 
 
-def _init_problem(lib: ModuleType, err: BaseException) -> str:
-    if isinstance(err, lib.NVMLError_LibraryNotFound):
-        return f"no NVIDIA GPUs: NVML library {LIBRARY} not found"
-    return f"no NVIDIA GPUs: nvmlInit failed: {err}"
+# How NVML answered: it did; there is no NVML here to ask (library or pynvml missing);
+# it says there is no driver; or it is there and will not answer (a failure to report).
+OK, ABSENT, NO_DRIVER, FAILED = "ok", "absent", "no driver", "failed"
+
+_HINTS = {
+    4: " (this user may not open the GPUs' device files)",  # NO_PERMISSION
+    18: " (the driver and NVML library versions differ: after a driver upgrade, reload"
+    " the nvidia kernel modules or reboot)",  # LIB_RM_VERSION_MISMATCH
+}
 
 
-def _probe_nvml(root: Root) -> tuple[GpuReport | None, str | None]:
-    """(report, None) when NVML answered, else (None, why not)."""
-    # pynvml's own first step, done by hand: importing pynvml costs 10-50 ms, dlopen
-    # failing costs well under one, and most nodes a CI pool runs on have no NVIDIA driver.
-    # `ctypes.CDLL(LIBRARY)` is this call of `_ctypes.dlopen` plus ~2 ms of importing ctypes.
+def _nvml_error(where: str, err: BaseException) -> str:
+    code = getattr(err, "value", None)
+    return f"{where} failed: {err}{_HINTS.get(code, '') if isinstance(code, int) else ''}"
+
+
+def _load_library() -> str | None:
+    """None when `libnvidia-ml.so.1` loads, else why not. pynvml's own first step, done
+    first: importing pynvml costs 10-50 ms, a failing `dlopen` about 2 ms with ctypes'
+    import, and most nodes a CI pool runs on have no NVIDIA driver."""
+    import ctypes
+
     try:
-        from _ctypes import RTLD_LOCAL, dlopen
-    except ImportError:  # an interpreter without CPython's _ctypes
-        from ctypes import CDLL as dlopen  # type: ignore[assignment]
-        from ctypes import RTLD_LOCAL
-    try:
-        dlopen(LIBRARY, RTLD_LOCAL)
+        ctypes.CDLL(LIBRARY, mode=ctypes.RTLD_LOCAL)
     except OSError as err:
-        return None, f"no NVIDIA GPUs: cannot load NVML ({err})"
+        return f"cannot load NVML ({err})"
+    return None
+
+
+def _probe_nvml(root: Root) -> tuple[GpuReport | None, str, str]:
+    """(report, OK, "") when NVML answered, else (None, outcome, why not)."""
+    why = _load_library()
+    if why is not None:
+        return None, ABSENT, why
     try:
         import pynvml  # only here, never at module import
     except ImportError:
-        return None, "no NVIDIA GPUs: pynvml (nvidia-ml-py) is not installed"
+        return None, ABSENT, "pynvml (nvidia-ml-py) is not installed"
     try:
         pynvml.nvmlInit()
     except (pynvml.NVMLError, OSError) as err:
-        return None, _init_problem(pynvml, err)
+        if isinstance(err, pynvml.NVMLError_LibraryNotFound):
+            return None, ABSENT, f"NVML library {LIBRARY} not found"
+        if getattr(err, "value", None) == NVML_ERROR_DRIVER_NOT_LOADED:
+            return None, NO_DRIVER, f"nvmlInit failed: {err}"
+        return None, FAILED, _nvml_error("nvmlInit", err)
     nv = _Nvml(pynvml)
     try:
-        count = nv.get("nvmlDeviceGetCount")
-        if count is None:
-            return None, f"no NVIDIA GPUs: {nv.last_error}"
+        try:
+            count = pynvml.nvmlDeviceGetCount()
+        except pynvml.NVMLError as err:
+            return None, FAILED, _nvml_error("nvmlDeviceGetCount", err)
         words = _cpu_words(root)
         gpus: list[Gpu] = []
         skipped: list[str] = []
         for index in range(count):
             gpu = _read_gpu(nv, index, root, words)
             if gpu is None:
-                skipped.append(f"GPU {index} skipped ({nv.last_error})")
+                skipped.append(f"GPU {index} skipped ({nv.broken or nv.last_error})")
             else:
                 gpus.append(gpu)
         cuda = nv.first(("nvmlSystemGetCudaDriverVersion_v2", "nvmlSystemGetCudaDriverVersion"))
@@ -298,7 +340,7 @@ def _probe_nvml(root: Root) -> tuple[GpuReport | None, str | None]:
             source="nvml",
             problem="; ".join(skipped) or None,
         )
-        return report, None
+        return report, OK, ""
     finally:
         nv.get("nvmlShutdown")
 
@@ -375,21 +417,28 @@ def probe_gpus(
 
 
 def _probe(root: Root, use_nvml: bool) -> GpuReport:
-    why: str | None = None
+    """NVML when it can be asked; the driver's /proc files only where there is no NVML
+    library (or on a recorded tree); no GPUs, with the reason, where NVML fails."""
+    outcome, why = ABSENT, ""
     if use_nvml:
-        report, why = _probe_nvml(root)
+        report, outcome, why = _probe_nvml(root)
         if report is not None:
             return report
     gpus = _read_procfs(root)
     version = root.read(PROC_VERSION, default=None)
     driver = parse_driver_version(version) if version else None
+    if outcome == NO_DRIVER and gpus:  # yet the driver lists GPUs: NVML is what is broken
+        outcome = FAILED
+        why += f", yet the driver lists {len(gpus)} GPU(s) in /{PROC_GPUS}"
+    if outcome == FAILED:
+        return GpuReport((), driver, None, FAILED, f"NVIDIA GPUs unavailable: {why}")
     if gpus:
-        if why is not None:
-            why += (
-                f"; read {len(gpus)} GPU(s) from /{PROC_GPUS} instead"
-                " (no memory, compute capability or MIG)"
+        if use_nvml:  # a live node without the NVML library: what the driver says
+            why = (
+                f"warning: {why}; read {len(gpus)} GPU(s) from /{PROC_GPUS} instead"
+                " (no memory, compute capability or MIG mode)"
             )
-        return GpuReport(gpus, driver, None, "procfs", why)
-    if why is None:
-        why = f"no NVIDIA GPUs: no {PROC_GPUS}/*/information under {root}"
-    return GpuReport((), driver, None, "none", why)
+        return GpuReport(gpus, driver, None, "procfs", why or None)
+    if not use_nvml:
+        why = f"no {PROC_GPUS}/*/information under {root}"
+    return GpuReport((), driver, None, "none", f"no NVIDIA GPUs: {why}")

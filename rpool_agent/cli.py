@@ -124,7 +124,9 @@ def detect(
         False, "--hyperthreads", help="One cpu per hardware thread, not per core."
     ),
     slots_per_gpu: int = typer.Option(1, "--slots-per-gpu", min=1, help="Slots per GPU."),
-    mig: bool = typer.Option(False, "--mig", help="MIG devices replace their parent GPU."),
+    mig: bool = typer.Option(
+        True, "--mig/--no-mig", help="A MIG-mode GPU: offer its MIG devices, or leave it out."
+    ),
     sysroot: str = typer.Option(
         "/", "--sysroot", help="Probe a recorded /sys + /proc tree instead of this machine."
     ),
@@ -164,7 +166,7 @@ def serve(
     ),
     slots_per_gpu: int | None = typer.Option(None, "--slots-per-gpu", min=1, help="Slots per GPU."),
     mig: bool | None = typer.Option(
-        None, "--mig/--no-mig", help="MIG devices replace their parent GPU."
+        None, "--mig/--no-mig", help="A MIG-mode GPU: offer its MIG devices, or leave it out."
     ),
     state_dir: str | None = typer.Option(
         None, "--state-dir", help="Where the lease table is kept."

@@ -49,7 +49,7 @@ class ServeConfig:
     socket: str | None = None  # None: default_socket_path()
     hyperthreads: bool = False  # lease hyperthread siblings as separate cpus
     slots_per_gpu: int = 1
-    mig: bool = False  # lease MIG instances instead of whole GPUs
+    mig: bool = True  # a MIG-mode GPU: its MIG devices (True) or left out (False)
     state_dir: str | None = None  # None: default_state_dir()
     socket_group: str | None = None  # group of a socket the agent creates itself
     socket_mode: int = 0o660

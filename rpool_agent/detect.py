@@ -3,9 +3,10 @@
 The pool holds only what this process may use: one `cpus` instance per usable physical
 core (or per usable logical CPU with `hyperthreads`), named by its lowest usable CPU
 number, and one `gpus` instance per GPU, named by its NVML index (CTest accepts neither
-UUIDs nor bus ids as ids). With `mig`, a MIG-enabled GPU is replaced by its MIG devices,
-named `<gpu index>_<mig index>`. Topology rides along in instance properties and in the
-pool's `additional_properties`, where every canary version ignores what it does not know.
+UUIDs nor bus ids as ids). A MIG-enabled GPU is offered as its MIG devices, named
+`<gpu index>_<mig index>` (CUDA cannot use it whole); with `mig=False` it is left out.
+Topology rides along in instance properties and in the pool's `additional_properties`,
+where every canary version ignores what it does not know.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from .probes.cpu import CpuTopology
-    from .probes.gpu_report import Gpu, GpuReport
+    from .probes.gpu_report import Gpu, GpuReport, MigDevice
     from .probes.numa import NumaTopology
     from .probes.sysfs import Root
 
@@ -31,13 +32,16 @@ def detect_pool(
     *,
     hyperthreads: bool = False,
     slots_per_gpu: int = 1,
-    mig: bool = False,
+    mig: bool = True,
     gpu_report: GpuReport | None = None,
+    notes: list[str] | None = None,
 ) -> Pool:
     """Probe `root` (the live `/` or a recorded tree) and build the pool it offers.
 
     `gpu_report` skips the GPU probe (the CLI passes the one whose `problem` it prints).
-    Raises ProbeError when the root holds no usable CPU, ConfigError for bad slot counts.
+    `notes`, when given, gets a line for stderr per GPU left out (MIG mode, see
+    `gpu_instances`). Raises ProbeError when the root holds no usable CPU, ConfigError for
+    bad slot counts.
     """
     if not 1 <= slots_per_gpu <= MAX_SLOTS:
         raise ConfigError(f"slots per GPU must be 1..{MAX_SLOTS}, not {slots_per_gpu}")
@@ -45,7 +49,9 @@ def detect_pool(
     cpu, numa = _probe_cpu_numa(r)
     report = gpu_report if gpu_report is not None else _probe_gpus(r)
     cpus = _cpu_instances(cpu, numa, hyperthreads)
-    gpus = [g for gpu in report.gpus for g in _gpu_instances(gpu, slots_per_gpu, mig)]
+    gpus, said = gpu_instances(report, slots_per_gpu, mig)
+    if notes is not None:
+        notes.extend(said)
     # The host name is the node id: the flat form writes it as `additional_properties.host`
     # (a key it reserves for the node id), the node form as the node's `id`.
     props = {"agent_version": __version__, "numa": _numa_summary(cpu, numa, gpus)}
@@ -158,26 +164,50 @@ def _cpu_instances(cpu: CpuTopology, numa: NumaTopology, hyperthreads: bool) -> 
     return out
 
 
-def _gpu_instances(gpu: Gpu, slots: int, mig: bool) -> list[Instance]:
-    base = {"numa_node": gpu.numa_node, "vendor": "NVIDIA"}  # canary_nvidia reads vendor
-    if mig and gpu.mig_enabled:
-        return [
-            Instance(
-                f"{gpu.index}_{m.index}",
-                slots,
-                _present(
-                    uuid=m.uuid or None,
-                    parent_index=gpu.index,
-                    parent_uuid=gpu.uuid or None,
-                    memory_bytes=m.memory_bytes,
-                    name=m.name,
-                    gpu_instance_id=m.gpu_instance_id,
-                    compute_instance_id=m.compute_instance_id,
-                    **base,
-                ),
+def gpu_instances(report: GpuReport, slots: int, mig: bool) -> tuple[list[Instance], list[str]]:
+    """The pool's `gpus`, and a line for each GPU left out.
+
+    A GPU in MIG mode cannot be used whole by CUDA, so it is offered as its MIG devices
+    (`mig`, the default) or not at all (`mig=False`, `--no-mig`: the admin keeps MIG GPUs
+    out of the pool); one with no MIG device created offers nothing. An admin chooses per
+    GPU with `nvidia-smi -i N -mig 0|1` and `nvidia-smi mig -cgi ... -C` (docs/gpus.md).
+    """
+    out: list[Instance] = []
+    notes: list[str] = []
+    for gpu in report.gpus:
+        if not gpu.mig_enabled:
+            out.append(_whole_gpu(gpu, slots))
+        elif not mig:
+            notes.append(f"GPU {gpu.index} is in MIG mode: left out (--no-mig)")
+        elif not gpu.mig_devices:
+            notes.append(
+                f"GPU {gpu.index} is in MIG mode with no MIG device: left out (create MIG "
+                f"devices, or turn MIG off: nvidia-smi -i {gpu.index} -mig 0)"
             )
-            for m in gpu.mig_devices
-        ]
+        else:
+            out += [_mig_device(gpu, m, slots) for m in gpu.mig_devices]
+    return out, notes
+
+
+def _base(gpu: Gpu) -> dict[str, Any]:
+    return {"numa_node": gpu.numa_node, "vendor": "NVIDIA"}  # canary_nvidia reads vendor
+
+
+def _mig_device(gpu: Gpu, m: MigDevice, slots: int) -> Instance:
+    props = _present(
+        uuid=m.uuid or None,
+        parent_index=gpu.index,
+        parent_uuid=gpu.uuid or None,
+        memory_bytes=m.memory_bytes,
+        name=m.name,
+        gpu_instance_id=m.gpu_instance_id,
+        compute_instance_id=m.compute_instance_id,
+        **_base(gpu),
+    )
+    return Instance(f"{gpu.index}_{m.index}", slots, props)
+
+
+def _whole_gpu(gpu: Gpu, slots: int) -> Instance:
     props = _present(
         index=gpu.index,
         uuid=gpu.uuid or None,
@@ -186,9 +216,9 @@ def _gpu_instances(gpu: Gpu, slots: int, mig: bool) -> list[Instance]:
         pci_bus_id=gpu.pci_bus_id,
         minor_number=gpu.minor_number,
         compute_capability=gpu.compute_capability,
-        **base,
+        **_base(gpu),
     )
-    return [Instance(str(gpu.index), slots, props)]
+    return Instance(str(gpu.index), slots, props)
 
 
 def _present(**fields: Any) -> dict[str, Any]:

@@ -25,17 +25,24 @@ def run_detect(
     *,
     hyperthreads: bool = False,
     slots_per_gpu: int = 1,
-    mig: bool = False,
+    mig: bool = True,
     sysroot: str = "/",
     output: str | None = None,
 ) -> None:
-    """Probe, then write the pool (or the JSON topology report) to stdout or `output`."""
+    """Probe, then write the pool (or the JSON topology report) to stdout or `output`.
+
+    NVML installed but failing is an error (ProbeError, nothing written): a pool without
+    the node's GPUs would look fine while every GPU job fails (docs/gpus.md)."""
     from .detect import detect_pool, topology_report
+    from .errors import ProbeError
     from .probes.nvidia import probe_gpus
 
     if form not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, not {form!r}")
     gpus = probe_gpus(sysroot)
+    if gpus.failed:
+        raise ProbeError(gpus.problem or "NVIDIA GPUs unavailable")
+    notes: list[str] = []
     if form == "json":
         import json
 
@@ -49,10 +56,11 @@ def run_detect(
             slots_per_gpu=slots_per_gpu,
             mig=mig,
             gpu_report=gpus,
+            notes=notes,
         )
         text = dumps(pool, form)  # CTest's spec drops topology: expected, so no notes
-    if gpus.problem:
-        sys.stderr.write(f"rpool-agent: {gpus.problem}\n")
+    for line in [gpus.problem, *notes] if gpus.problem else notes:
+        sys.stderr.write(f"rpool-agent: {line}\n")
     write_text(text, output)
 
 
@@ -106,7 +114,7 @@ def fast_main(argv: list[str]) -> int | None:
             str(args.get("form", "canary")),
             hyperthreads=bool(args.get("hyperthreads", False)),
             slots_per_gpu=slots,
-            mig=bool(args.get("mig", False)),
+            mig=True,  # `--mig` is the default; `--no-mig` goes to typer
             sysroot=str(args.get("sysroot", "/")),
             output=str(args["output"]) if "output" in args else None,
         )

@@ -19,7 +19,10 @@ from .pool import Pool
 
 
 def load_pool(cfg: Any) -> Pool:
-    """The pool file when one is configured, else what the probes find on this node."""
+    """The pool file when one is configured, else what the probes find on this node.
+
+    NVML installed but failing does not stop the agent: it serves the CPUs, logs why, and
+    the pool's `gpus_unavailable` property carries the reason to `status`."""
     if cfg.pool:
         from .formats import load_file
 
@@ -28,15 +31,21 @@ def load_pool(cfg: Any) -> Pool:
     from .probes.nvidia import probe_gpus
 
     report = probe_gpus("/")
-    if report.problem:
-        print(f"rpool-agent: {report.problem}", file=sys.stderr)
-    return detect_pool(
+    notes: list[str] = []
+    pool = detect_pool(
         "/",
         hyperthreads=cfg.hyperthreads,
         slots_per_gpu=cfg.slots_per_gpu,
         mig=cfg.mig,
         gpu_report=report,
+        notes=notes,
     )
+    if report.failed:
+        pool.additional_properties["gpus_unavailable"] = report.problem
+        notes.append("serving the CPUs only")
+    for line in [report.problem, *notes] if report.problem else notes:
+        print(f"rpool-agent: {line}", file=sys.stderr)
+    return pool
 
 
 def group_id(name: str | None, what: str) -> int | None:

@@ -15,6 +15,7 @@ from typing import Any
 import nvml_fixture as nf
 import pytest
 from rpool_agent.probes.nvidia import Gpu, GpuReport, MigDevice
+from rpool_agent.probes.record import replace
 
 from rpool_agent.detect import detect_pool, topology_report
 from rpool_agent.errors import ConfigError, ProbeError
@@ -175,9 +176,13 @@ REPORT = GpuReport(
 
 
 def test_gpu_instances(trees: Path) -> None:
-    pool = detect_pool(trees / "two_socket_ht", slots_per_gpu=4, gpu_report=REPORT)
+    notes: list[str] = []
+    pool = detect_pool(
+        trees / "two_socket_ht", slots_per_gpu=4, mig=False, gpu_report=REPORT, notes=notes
+    )
     gpus = pool.local.resources["gpus"]
-    assert [(g.id, g.slots) for g in gpus] == [("0", 4), ("1", 4), ("2", 4)]
+    assert [(g.id, g.slots) for g in gpus] == [("0", 4), ("2", 4)]
+    assert notes == ["GPU 1 is in MIG mode: left out (--no-mig)"]
     assert gpus[0].properties == {
         "index": 0,
         "uuid": "GPU-00000000-aaaa-bbbb-cccc-dddddddddddd",
@@ -189,9 +194,23 @@ def test_gpu_instances(trees: Path) -> None:
         "numa_node": 0,
         "vendor": "NVIDIA",
     }
-    assert "numa_node" not in gpus[2].properties  # unknown is absent, not null
+    assert "numa_node" not in gpus[1].properties  # unknown is absent, not null
     numa = pool.additional_properties["numa"]
-    assert [numa[n]["gpus"] for n in "0123"] == [["0"], [], ["1"], []]
+    assert [numa[n]["gpus"] for n in "0123"] == [["0"], [], [], []]
+
+
+def test_mig_gpu_is_its_mig_devices_by_default(trees: Path) -> None:
+    """Issue 12, item 2: CUDA cannot use a MIG-mode GPU whole; it used to be offered whole
+    unless --mig was given. A MIG-mode GPU with no MIG device offers nothing, and says so."""
+    empty = replace(gpu(2, None), mig_enabled=True)
+    report = replace(REPORT, gpus=(*REPORT.gpus[:2], empty))
+    notes: list[str] = []
+    pool = detect_pool(trees / "two_socket_ht", gpu_report=report, notes=notes)
+    assert [g.id for g in pool.local.resources["gpus"]] == ["0", "1_0", "1_3"]
+    assert notes == [
+        "GPU 2 is in MIG mode with no MIG device: left out (create MIG devices, or turn "
+        "MIG off: nvidia-smi -i 2 -mig 0)"
+    ]
 
 
 def test_mig_devices_replace_their_gpu(trees: Path) -> None:

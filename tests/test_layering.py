@@ -154,7 +154,6 @@ DETECT_NEVER = (
     "shutil",
     "glob",
     "copy",  # pool.copy_data
-    "ctypes",  # the NVML check calls _ctypes.dlopen
     "yaml",  # yaml_emit writes
     "asyncio",
     "rpool_agent.server",

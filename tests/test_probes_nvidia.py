@@ -127,11 +127,11 @@ def test_not_supported_fields_are_absent_not_fatal(fake_nvml_dir: Path, tmp_path
     everything = "name,memory,pci,minor,numa_node,cpu_affinity,cc,mig_mode"
     gpus = [
         h100(0, "3b", not_supported=everything),
-        h100(1, "5e", fail="uuid:999,mig_mode:999,memory:15"),  # Unknown / GPU is lost
+        h100(1, "5e", fail="mig_mode:2,memory:4"),  # Invalid Argument / No Permission
     ]
     conf = nf.write_config(tmp_path / "c", gpus, not_supported="cuda_driver_version")
     run = nf.run_probe(fake_nvml_dir, tmp_path, conf)
-    bare, broken = run.report["gpus"]
+    bare, partial = run.report["gpus"]
     # NOT_SUPPORTED MIG mode means "this GPU cannot do MIG": off, the one singled-out case.
     assert bare == {
         "index": 0,
@@ -139,11 +139,33 @@ def test_not_supported_fields_are_absent_not_fatal(fake_nvml_dir: Path, tmp_path
         "mig_enabled": False,
         "mig_devices": [],
     }
-    # Any other error: unknown, so absent (uuid is required: "" says NVML would not tell).
-    assert broken["uuid"] == "" and "mig_enabled" not in broken
-    assert "memory_bytes" not in broken and broken["compute_capability"] == "9.0"
-    assert "cuda_driver_version" not in run.report
+    # Other errors that do not say the GPU is broken: unknown, so absent; the GPU stays.
+    assert "mig_enabled" not in partial and "memory_bytes" not in partial
+    assert partial["compute_capability"] == "9.0"
+    assert "cuda_driver_version" not in run.report and "problem" not in run.report
     assert run.report["driver_version"] == "550.54.15"
+    assert balanced(run)
+
+
+@pytest.mark.parametrize(
+    ("fail", "says"),
+    [
+        ("memory:15", "nvmlDeviceGetMemoryInfo: GPU is lost"),
+        ("uuid:999", "nvmlDeviceGetUUID: Unknown Error"),
+        ("uuid:4", "nvmlDeviceGetUUID: Insufficient Permissions"),  # no UUID: no name for CUDA
+        ("cc:16", "nvmlDeviceGetCudaComputeCapability: GPU requires restart"),  # RESET_REQUIRED
+    ],
+)
+def test_gpu_whose_queries_fail_is_left_out_and_named(
+    fake_nvml_dir: Path, tmp_path: Path, fail: str, says: str
+) -> None:
+    """Issue 12, item 4: the handle opens, but the GPU is lost (or NVML cannot say what
+    it is): it was offered with an empty UUID; now it is left out, and stderr names it."""
+    gpus = [h100(0, "18"), h100(1, "2a", fail=fail), h100(2, "3a")]
+    conf = nf.write_config(tmp_path / "c", gpus)
+    run = nf.run_probe(fake_nvml_dir, tmp_path, conf)
+    assert [g["index"] for g in run.report["gpus"]] == [0, 2]
+    assert run.report["problem"] == f"GPU 1 skipped ({says})"
     assert balanced(run)
 
 
@@ -157,6 +179,8 @@ def test_gpu_without_handle_is_skipped_with_reason(fake_nvml_dir: Path, tmp_path
 
 
 def test_init_failing_without_driver(fake_nvml_dir: Path, tmp_path: Path) -> None:
+    # The library is installed, the kernel driver is not loaded, /proc lists no GPU: a node
+    # without NVIDIA GPUs (CUDA packages in the image), not a failure.
     conf = nf.write_config(tmp_path / "c", [h100(0, "18")], fail="init:9")
     run = nf.run_probe(fake_nvml_dir, tmp_path, conf)
     assert run.report["gpus"] == [] and run.report["source"] == "none"
@@ -164,21 +188,59 @@ def test_init_failing_without_driver(fake_nvml_dir: Path, tmp_path: Path) -> Non
     assert run.calls == ["nvmlInit"]  # nothing else asked of a library that said no
 
 
-def test_init_failing_falls_back_to_proc(fake_nvml_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("config", "says"),
+    [
+        ({"fail": "init:18"}, "nvmlInit failed: RM has detected an NVML/RM version mismatch."),
+        ({"fail": "init:4"}, "nvmlInit failed: Insufficient Permissions"),
+        ({"fail": "init:999"}, "nvmlInit failed: Unknown Error"),
+        ({"fail": "count:999"}, "nvmlDeviceGetCount failed: Unknown Error"),
+    ],
+)
+def test_nvml_that_will_not_answer_offers_no_gpus(
+    fake_nvml_dir: Path, tmp_path: Path, config: dict[str, str], says: str
+) -> None:
+    """Issue 12, item 3: a driver upgraded without a reboot, a container without the
+    device files... The driver's /proc files still list the GPUs, and they used to be
+    offered from there: a pool that looks GPU-capable where every GPU job fails."""
+    conf = nf.write_config(tmp_path / "c", [h100(0, "18")], **config)
+    run = nf.run_probe(fake_nvml_dir, TREES / "gpu-procfs-4", conf)
+    assert run.report["gpus"] == [] and run.report["source"] == "failed"
+    assert run.report["problem"].startswith(f"NVIDIA GPUs unavailable: {says}")
+    assert run.report["driver_version"] == "535.129.03"  # what the driver says, for the record
+
+
+def test_driver_not_loaded_yet_listing_gpus_is_a_failure(
+    fake_nvml_dir: Path, tmp_path: Path
+) -> None:
     conf = nf.write_config(tmp_path / "c", [h100(0, "18")], fail="init:9")
     run = nf.run_probe(fake_nvml_dir, TREES / "gpu-procfs-4", conf)
-    assert run.report["source"] == "procfs"
-    assert len(run.report["gpus"]) == 4
-    assert "Driver Not Loaded" in run.report["problem"]
-    assert "read 4 GPU(s) from /proc/driver/nvidia/gpus" in run.report["problem"]
+    assert run.report["source"] == "failed" and run.report["gpus"] == []
+    assert "Driver Not Loaded, yet the driver lists 4 GPU(s)" in run.report["problem"]
+
+
+def test_mismatch_says_what_to_do(fake_nvml_dir: Path, tmp_path: Path) -> None:
+    conf = nf.write_config(tmp_path / "c", [h100(0, "18")], fail="init:18")
+    run = nf.run_probe(fake_nvml_dir, tmp_path, conf)
+    assert "reload the nvidia kernel modules or reboot" in run.report["problem"]
 
 
 def test_count_failing_still_shuts_nvml_down(fake_nvml_dir: Path, tmp_path: Path) -> None:
     conf = nf.write_config(tmp_path / "c", [h100(0, "18")], fail="count:999")
     run = nf.run_probe(fake_nvml_dir, tmp_path, conf)
-    assert run.report["gpus"] == []
-    assert "nvmlDeviceGetCount" in run.report["problem"]
+    assert run.report["gpus"] == [] and run.report["source"] == "failed"
     assert run.calls == ["nvmlInit", "nvmlDeviceGetCount_v2", "nvmlShutdown"]
+
+
+def test_no_library_falls_back_to_proc_with_a_warning(tmp_path: Path) -> None:
+    """The one case the /proc reading exists for: a live node whose driver is loaded but
+    whose NVML library is not installed (or not found)."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run = nf.run_probe(empty, TREES / "gpu-procfs-4")
+    assert run.report["source"] == "procfs" and len(run.report["gpus"]) == 4
+    assert run.report["problem"].startswith("warning: cannot load NVML")
+    assert "read 4 GPU(s) from /proc/driver/nvidia/gpus instead" in run.report["problem"]
 
 
 def test_library_missing(tmp_path: Path) -> None:

@@ -38,6 +38,11 @@
  *
  * Global fields for fail=: init, count, driver_version, cuda_driver_version.
  * A GPU without numa_node= answers NOT_SUPPORTED there, as x86 machines do.
+ *
+ * FAKE_NVML_CONTROL, when set, names a file re-read at every device call, so a test can
+ * break a GPU while a process holds it: each line `gpu<N>=<code>` (N: the GPU's index in
+ * the config) makes every call on GPU N and its MIG devices, handle lookups included,
+ * return <code> (15: GPU_IS_LOST). A missing or empty file breaks nothing.
  * FAKE_NVML_LOG, when set, names a file that gets one line per entry point called, so
  * a test can check that every nvmlInit is matched by an nvmlShutdown.
  */
@@ -92,6 +97,7 @@ typedef struct {
 
 typedef struct fake_device {
     int is_mig;
+    int parent; /* MIG: its GPU's index; GPU: its own index */
     int slot; /* MIG: index under its parent */
     char uuid[STR], name[STR], pci_bus_id[STR], cpu_affinity[STR];
     unsigned long long memory;
@@ -214,6 +220,7 @@ static int load_config(void) {
             if (ngpus == MAX_GPUS)
                 break;
             cur = &gpus[ngpus++];
+            cur->parent = ngpus - 1;
             cur->numa_node = -1;
             cur->max_mig = -1;
             continue;
@@ -224,6 +231,7 @@ static int load_config(void) {
             fake_device *parent = &gpus[ngpus - 1];
             cur = &migs[nmigs_total++];
             cur->is_mig = 1;
+            cur->parent = ngpus - 1;
             cur->slot = parent->nmigs;
             parent->migs[parent->nmigs++] = cur;
             continue;
@@ -251,6 +259,23 @@ static int load_config(void) {
     return 0;
 }
 
+/* The code FAKE_NVML_CONTROL sets for GPU `index` now, or NVML_SUCCESS. */
+static int control_code(int index) {
+    const char *path = getenv("FAKE_NVML_CONTROL");
+    if (!path || !*path)
+        return NVML_SUCCESS;
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return NVML_SUCCESS;
+    char line[128];
+    int code = NVML_SUCCESS, n = -1, c = 0;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "gpu%d=%d", &n, &c) == 2 && n == index)
+            code = c;
+    fclose(f);
+    return code;
+}
+
 /* A handle is valid only if it points into our tables: like NVML, reject anything else. */
 static int valid(const fake_device *d) {
     if (d >= gpus && d < gpus + ngpus)
@@ -276,7 +301,10 @@ static int valid(const fake_device *d) {
             return NVML_ERROR_UNINITIALIZED;                                           \
         if (!valid(dev))                                                               \
             return NVML_ERROR_INVALID_ARGUMENT;                                        \
-        int code_ = fail_code((dev)->fails, (dev)->nfails, field);                     \
+        int code_ = control_code((dev)->parent);                                       \
+        if (code_)                                                                     \
+            return code_;                                                              \
+        code_ = fail_code((dev)->fails, (dev)->nfails, field);                         \
         if (code_)                                                                     \
             return code_;                                                              \
     } while (0)
@@ -334,7 +362,10 @@ const char *nvmlErrorString(nvmlReturn_t result) {
     case NVML_ERROR_NOT_SUPPORTED: return "Not Supported";
     case NVML_ERROR_NOT_FOUND: return "Not Found";
     case NVML_ERROR_INSUFFICIENT_SIZE: return "Insufficient Size";
+    case 4: return "Insufficient Permissions";
     case 9: return "Driver Not Loaded";
+    case 15: return "GPU is lost";
+    case 18: return "RM has detected an NVML/RM version mismatch.";
     default: return "Unknown Error";
     }
 }
@@ -374,7 +405,9 @@ nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int index, fake_device **dev
         return NVML_ERROR_UNINITIALIZED;
     if (index >= (unsigned int)ngpus || !device)
         return NVML_ERROR_INVALID_ARGUMENT;
-    int code = fail_code(gpus[index].fails, gpus[index].nfails, "handle");
+    int code = control_code((int)index);
+    if (!code)
+        code = fail_code(gpus[index].fails, gpus[index].nfails, "handle");
     if (code)
         return code;
     *device = &gpus[index];
@@ -383,6 +416,28 @@ nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int index, fake_device **dev
 
 nvmlReturn_t nvmlDeviceGetHandleByIndex(unsigned int index, fake_device **device) {
     return nvmlDeviceGetHandleByIndex_v2(index, device);
+}
+
+/* A GPU or MIG device by its full UUID (what the health poller asks for). */
+nvmlReturn_t nvmlDeviceGetHandleByUUID(const char *uuid, fake_device **device) {
+    trace("nvmlDeviceGetHandleByUUID");
+    if (refcount == 0)
+        return NVML_ERROR_UNINITIALIZED;
+    if (!uuid || !device)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    for (int i = 0; i < ngpus + nmigs_total; i++) {
+        fake_device *d = i < ngpus ? &gpus[i] : &migs[i - ngpus];
+        if (strcmp(d->uuid, uuid) == 0) {
+            int code = control_code(d->parent);
+            if (!code)
+                code = fail_code(d->fails, d->nfails, "handle");
+            if (code)
+                return code;
+            *device = d;
+            return NVML_SUCCESS;
+        }
+    }
+    return NVML_ERROR_NOT_FOUND;
 }
 
 /* --- per device ------------------------------------------------------------------- */
