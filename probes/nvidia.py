@@ -282,12 +282,12 @@ _HINTS = {
 }
 
 
-def _nvml_error(where: str, err: BaseException) -> str:
+def nvml_error(where: str, err: BaseException) -> str:
     code = getattr(err, "value", None)
     return f"{where} failed: {err}{_HINTS.get(code, '') if isinstance(code, int) else ''}"
 
 
-def _load_library() -> str | None:
+def load_library() -> str | None:
     """None when `libnvidia-ml.so.1` loads, else why not. pynvml's own first step, done
     first: importing pynvml costs 10-50 ms, a failing `dlopen` about 2 ms with ctypes'
     import, and most nodes a CI pool runs on have no NVIDIA driver."""
@@ -302,7 +302,7 @@ def _load_library() -> str | None:
 
 def _probe_nvml(root: Root) -> tuple[GpuReport | None, str, str]:
     """(report, OK, "") when NVML answered, else (None, outcome, why not)."""
-    why = _load_library()
+    why = load_library()
     if why is not None:
         return None, ABSENT, why
     try:
@@ -316,13 +316,13 @@ def _probe_nvml(root: Root) -> tuple[GpuReport | None, str, str]:
             return None, ABSENT, f"NVML library {LIBRARY} not found"
         if getattr(err, "value", None) == NVML_ERROR_DRIVER_NOT_LOADED:
             return None, NO_DRIVER, f"nvmlInit failed: {err}"
-        return None, FAILED, _nvml_error("nvmlInit", err)
+        return None, FAILED, nvml_error("nvmlInit", err)
     nv = _Nvml(pynvml)
     try:
         try:
             count = pynvml.nvmlDeviceGetCount()
         except pynvml.NVMLError as err:
-            return None, FAILED, _nvml_error("nvmlDeviceGetCount", err)
+            return None, FAILED, nvml_error("nvmlDeviceGetCount", err)
         words = _cpu_words(root)
         gpus: list[Gpu] = []
         skipped: list[str] = []

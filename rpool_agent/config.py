@@ -59,6 +59,9 @@ class ServeConfig:
     max_message_bytes: int = 65536
     handshake_timeout: float = 10.0  # seconds a new connection may stay silent
     log_level: str = "info"
+    # Seconds between GPU health polls (docs/gpus.md); None: 30 for a detected pool, off
+    # with a pool file; 0: off.
+    gpu_health_interval: float | None = None
     # The config file this came from (None: none); not a key a file can set.
     config_file: str | None = field(default=None, compare=False)
 
@@ -98,9 +101,11 @@ def _check(key: str, value: Any, label: str) -> Any:
         if value < 1:
             raise bad("a positive integer")
         return value
-    if kind == "float":
+    if kind in ("float", "float | None"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number of seconds")
+        if key == "gpu_health_interval" and value == 0:
+            return 0.0  # off
         if not value > 0:
             raise bad("a positive number of seconds")
         return float(value)

@@ -142,6 +142,13 @@ def format_status(snap: dict[str, Any]) -> str:
             f"{rtype:<10} {v.get('total', 0):>6} {v.get('free', 0):>6} "
             f"{v.get('used', 0):>6} {v.get('drained', 0):>7}"
         )
+    if snap.get("gpus_unavailable"):
+        lines.append(f"GPUs unavailable: {snap['gpus_unavailable']}")
+    for d in snap.get("drained", []):
+        lines.append(
+            f"drained {d.get('type')}:{d.get('id')}"
+            + (f" ({d['reason']})" if d.get("reason") else "")
+        )
     leases = snap.get("leases", [])
     lines.append("")
     lines.append(f"{len(leases)} lease(s)")

@@ -85,7 +85,23 @@ def build_server(cfg: Any, reload_config: Callable[[], Any] | None = None) -> An
         watchdog_interval=systemd.watchdog_interval(),
         state=StateStore.for_dir(cfg.state_dir) if cfg.state_dir else None,
         log_events=cfg.log_level in ("debug", "info"),
+        gpu_health=gpu_health(cfg),
     )
+
+
+def gpu_health(cfg: Any) -> Any:
+    """The GPU health poller: every 30 s for a detected pool, never for a pool file,
+    unless `gpu_health_interval` says otherwise (0: off)."""
+    interval = cfg.gpu_health_interval
+    if interval is None:
+        from .gpu_health import DEFAULT_INTERVAL
+
+        interval = None if cfg.pool else DEFAULT_INTERVAL
+    if not interval:
+        return None
+    from .gpu_health import GpuHealth
+
+    return GpuHealth(interval)
 
 
 def serve_main(config_path: str | None, given: dict[str, Any]) -> None:

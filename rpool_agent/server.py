@@ -62,6 +62,7 @@ class Server(Service):
         pool_loader: Callable[[], Pool] | None = None,
         watchdog_interval: float | None = None,
         log_events: bool = True,
+        gpu_health: Any = None,
     ) -> None:
         self.pool = pool
         self.socket_path = socket_path
@@ -76,6 +77,7 @@ class Server(Service):
         self.pool_loader = pool_loader
         self.watchdog_interval = watchdog_interval
         self.log_events = log_events
+        self.gpu_health = gpu_health  # gpu_health.GpuHealth: drains GPUs that fail
         # A random prefix per agent start keeps ids unique across restarts (a re-adopted
         # lease keeps its id); the counter keeps them unique, and cheap, within one.
         prefix = secrets.token_hex(3)
@@ -310,6 +312,8 @@ class Server(Service):
         self._reschedule()
         if self.notify is not None and self.watchdog_interval:
             self._watchdog()
+        if self.gpu_health is not None:
+            self.gpu_health.start(self)
 
     def _watchdog(self) -> None:
         """WATCHDOG=1 at the rate systemd asked for, from the loop: a stuck loop stops it."""
@@ -348,6 +352,8 @@ class Server(Service):
 
     async def close(self) -> None:
         self._flush_log()
+        if self.gpu_health is not None:
+            self.gpu_health.stop()
         if self._server is not None:
             self._server.close()
         if self.state is not None:

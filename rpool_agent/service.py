@@ -234,6 +234,9 @@ class Service:
             item["req_id"] = req.call_id if isinstance(req, Pending) else None
             item["waiting_s"] = round(now - item.get("since", now), 3)
         snap["connections"] = len(self.connections)
+        unavailable = self.pool.additional_properties.get("gpus_unavailable")
+        if unavailable:  # NVML failed at detection: no GPU offered, and this is why
+            snap["gpus_unavailable"] = unavailable
         return snap
 
     def op_pool(self, conn: Connection, call: protocol.Call) -> Any:

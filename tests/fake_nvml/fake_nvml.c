@@ -14,6 +14,7 @@
  *     driver_version=550.54.15
  *     cuda_driver_version=12040
  *     fail=init:9                  # FIELD:CODE,... ; makes that call return CODE
+ *     init_delay_ms=500            # nvmlInit sleeps first (a GPU waking up, no persistence)
  *     not_supported=cuda_driver_version   # same as fail=FIELD:3
  *     [gpu]                        # one section per GPU, in NVML index order
  *     uuid=GPU-...
@@ -50,6 +51,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 typedef int nvmlReturn_t;
 enum {
@@ -115,6 +117,7 @@ static char driver_version[STR] = "550.54.15";
 static int cuda_driver_version = 12040;
 static fail_t global_fails[MAX_FAILS];
 static int nglobal_fails;
+static int init_delay_ms;
 
 static void trace(const char *name) {
     const char *path = getenv("FAKE_NVML_LOG");
@@ -194,7 +197,7 @@ static void set_device(fake_device *d, const char *key, const char *value) {
 
 /* Returns 0, or -1 when the configuration cannot be read (nvmlInit then fails). */
 static int load_config(void) {
-    ngpus = nmigs_total = nglobal_fails = 0;
+    ngpus = nmigs_total = nglobal_fails = init_delay_ms = 0;
     memset(gpus, 0, sizeof gpus);
     memset(migs, 0, sizeof migs);
     const char *path = getenv("FAKE_NVML_CONFIG");
@@ -245,6 +248,8 @@ static int load_config(void) {
             set_device(cur, key, value);
         } else if (!strcmp(key, "driver_version")) {
             copy(driver_version, value);
+        } else if (!strcmp(key, "init_delay_ms")) {
+            init_delay_ms = atoi(value);
         } else if (!strcmp(key, "cuda_driver_version")) {
             cuda_driver_version = atoi(value);
         } else if (!strcmp(key, "fail")) {
@@ -336,6 +341,8 @@ nvmlReturn_t nvmlInitWithFlags(unsigned int flags) {
     trace("nvmlInit");
     if (load_config() != 0)
         return NVML_ERROR_UNKNOWN;
+    if (init_delay_ms > 0)
+        usleep((useconds_t)init_delay_ms * 1000);
     int code = fail_code(global_fails, nglobal_fails, "init");
     if (code)
         return code;
