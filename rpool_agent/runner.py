@@ -65,7 +65,7 @@ def run_in_lease(
     fd = client.fileno()
     os.set_inheritable(fd, True)
     env["RPOOL_LEASE_FD"] = str(fd)
-    _set_affinity(lease.cpus)
+    set_affinity(lease.cpus)
     sys.stdout.flush()
     sys.stderr.flush()
     _restore_signals()
@@ -77,7 +77,7 @@ def run_in_lease(
     return 0  # pragma: no cover - execvpe does not return
 
 
-def _set_affinity(cpus: list[int]) -> None:
+def set_affinity(cpus: list[int]) -> None:
     """Confine this process (and so the command) to the leased hardware CPUs.
 
     A lease without CPUs leaves the affinity as inherited. If none of the leased CPUs is
