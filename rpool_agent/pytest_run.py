@@ -180,7 +180,7 @@ class ProcessRun:
                 os.environ["CUDA_VISIBLE_DEVICES"] = NO_GPUS
             return
         self.connect(may_start=self.worker is None)
-        if self.worker is None and self.agent is not None:
+        if self.worker is None:  # what a test's own `rpool-agent run` should ask too
             self._save_env()
             os.environ["RPOOL_AGENT_SOCKET"] = str(self.socket)
         if self.settings.request:

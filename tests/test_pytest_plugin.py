@@ -428,3 +428,25 @@ def test_describe_wait_names_holders() -> None:
     assert describe_wait(snap, {"gpus": 1}) == (
         "gpus: 0 of 2 free, 1 drained; pid 7 'pytest[5] gw0' holds gpus 0; 1 request(s) waiting"
     )
+
+
+def test_nested_in_a_lease_uses_only_that_lease(tmp_path: Path, fake_nvml_dir: Path) -> None:
+    """`rpool-agent run --gpus 1 -- pytest --rpool-gpus 1`: the inner run leases from a
+    private agent, whose detection honours the outer lease's `CUDA_VISIBLE_DEVICES`, so
+    its test gets the outer lease's GPU (2: the test holds 0 and 1) and no other."""
+    root = project(tmp_path, "n", TESTS.format(n=1, sleep=0.01))
+    env = inner_env(tmp_path, None, "n", **nvml_env(tmp_path, fake_nvml_dir, 3))
+    with running_agent(tmp_path, gpu_pool(3, 2)) as agent:
+        env["RPOOL_AGENT_SOCKET"] = agent.socket
+        with agent.client() as other, other.acquire(gpus=2):
+            done = subprocess.run(
+                [*RPOOL_RUN, "--gpus", "1", "--", *PYTEST, "--rpool-gpus", "1"],
+                cwd=root,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "rpool: private agent (pid " in done.stdout and "inside lease " in done.stdout
+    assert {r["cvd"] for r in records(tmp_path)} == {"2"}
