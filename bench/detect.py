@@ -5,7 +5,7 @@
 Runs both commands alternately in the same process (so both see the same machine load),
 reports medians and their ratio, the probe time inside one process (`detect_pool`, no
 interpreter start-up), and the start-up costs that sit under the command (bare Python,
-`import re`, `import typer`, `import rpool_agent.cli`) so a miss can be placed. Writes the
+`import re`, `import argparse`, `import rpool_agent.cli`) so a miss can be placed. Writes the
 numbers as JSON to bench/results/. Targets (2-core CI VM): probe < 10 ms, command <= 6x
 lstopo. A benchmark, not a test: nothing here fails a build.
 
@@ -30,7 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 PROBE_TARGET_MS = 10.0
 RATIO_TARGET = 6.0
-# What `detect` does, minus typer: the floor the command could reach.
+# What `detect` does, minus the command line: the floor the command could reach.
 NO_CLI = (
     "import sys; from rpool_agent.detect import detect_pool; from rpool_agent.formats import"
     " dumps; sys.stdout.write(dumps(detect_pool({!r}), 'canary'))"
@@ -144,7 +144,7 @@ def main() -> int:
     baselines = {
         "python -c pass": [py, "-c", "pass"],
         "python -c 'import re' (pip's script does)": [py, "-c", "import re"],
-        "python -c 'import typer'": [py, "-c", "import typer"],
+        "python -c 'import argparse'": [py, "-c", "import argparse"],
         "python -c 'import rpool_agent.cli'": [py, "-c", "import rpool_agent.cli"],
         "same work without the CLI (python -c)": [py, "-c", NO_CLI.format(sysroot)],
     }
@@ -154,7 +154,7 @@ def main() -> int:
         wall_ms(cmd)  # warm the page cache and write the bytecode caches
     for name, cmd in list(baselines.items()):
         if subprocess.run(cmd, capture_output=True, env=CHILD_ENV, cwd=CHILD_CWD).returncode:
-            del baselines[name]  # e.g. no typer in a venv holding only rpool-agent
+            del baselines[name]  # e.g. an install too old to have the module
     detect_runs: list[float] = []
     lstopo_runs: list[float] = []
     other_runs: dict[str, list[float]] = {script: [] for script in others}

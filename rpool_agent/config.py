@@ -189,8 +189,8 @@ def merge(
     """Defaults, overridden by the file's values, overridden by the given CLI values.
 
     `cli_values` maps field names (or option names, `slots-per-gpu`) to what the command
-    line said; None means "not given", so typer options should default to None (flags as
-    `--hyperthreads/--no-hyperthreads` with default None) for the file to show through.
+    line said; None means "not given", so that the file's value shows through (the
+    command line's options default to None, `--hyperthreads/--no-hyperthreads` too).
     """
     given = {k: v for k, v in cli_values.items() if v is not None}
     cli = _validate(given, "command line", key_style="option")

@@ -1,7 +1,7 @@
 """`rpool-agent serve`: turn configuration into a running `Server`.
 
 Kept apart from server.py so the server stays a shell around the allocator, and apart
-from cli.py so tests and embedders can start an agent without typer.
+from the command line so tests and embedders can start an agent without it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The typer-free fast path of `detect` behaves exactly like the typer command."""
+"""`rpool-agent detect` through the real script: each option reaches the probes, and bad
+options are usage errors (exit 2) before anything is probed."""
 
 from __future__ import annotations
 
@@ -8,88 +9,64 @@ from pathlib import Path
 
 import pytest
 
-from rpool_agent.detect_cmd import OPTIONS, parse_fast
+from rpool_agent.detect import detect_pool
+from rpool_agent.formats import dumps
 
 TREE = Path(__file__).resolve().parent / "trees" / "two_socket_ht"
+SCRIPT = Path(sys.executable).with_name("rpool-agent")
+CLI = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "rpool_agent.cli"]
 
 
-def test_fast_parser_knows_exactly_the_typer_options() -> None:
-    import typer.main
-
-    from rpool_agent.cli import app
-
-    command = typer.main.get_command(app).commands["detect"]  # type: ignore[attr-defined]
-    typer_opts = {
-        o: (p.name, not p.is_flag) for p in command.params for o in p.opts if o != "--help"
-    }
-    assert typer_opts == OPTIONS  # same names, same parameters, same flags
+def detect(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, "detect", *args], capture_output=True, text=True, timeout=60)
 
 
 @pytest.mark.parametrize(
-    ("argv", "expected"),
+    ("args", "form", "shape"),
     [
-        ([], {}),
-        (["--format", "json", "--mig"], {"form": "json", "mig": True}),
-        (["--format=ctest", "-fjson"], {"form": "json"}),  # the last one wins
-        (["-o", "-", "--output=x.yaml"], {"output": "x.yaml"}),
-        (["-o-", "--slots-per-gpu=2"], {"output": "-", "slots_per_gpu": "2"}),
-        (["--format="], {"form": ""}),  # as click: an empty value, refused later
-        (["--help"], None),
-        (["-h"], None),
-        (["--mig=yes"], None),
-        (["--format"], None),
-        (["--sysroot", "--mig"], None),
-        (["--hyper"], None),  # click does not complete abbreviations (argparse did)
-        (["--", "--mig"], None),
-        (["extra"], None),
-        ([""], None),
+        ([], "canary", {}),
+        (["--format", "ctest", "--hyperthreads"], "ctest", {"hyperthreads": True}),
+        (["-f", "canary-nodes", "--slots-per-gpu", "2"], "canary-nodes", {"slots_per_gpu": 2}),
+        (["--format=ctest", "-fcanary", "--mig"], "canary", {"mig": True}),  # the last wins
+        (["--hyperthreads", "--no-hyperthreads"], "canary", {}),
+        (["-o-", "--slots-per-gpu=3"], "canary", {"slots_per_gpu": 3}),
     ],
 )
-def test_parse_fast_reads_as_click_or_gives_up(
-    argv: list[str], expected: dict[str, object] | None
-) -> None:
-    assert parse_fast(argv) == expected
+def test_options_reach_the_probes(args: list[str], form: str, shape: dict[str, object]) -> None:
+    done = detect("--sysroot", str(TREE), *args)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == dumps(detect_pool(str(TREE), **shape), form)  # type: ignore[arg-type]
 
 
-def run(args: list[str], *, fast: bool) -> subprocess.CompletedProcess[str]:
-    if fast:
-        code = "import sys; from rpool_agent.entry import main; sys.argv[0]='rpool-agent'; main()"
-        cmd = [sys.executable, "-c", code, "detect", *args]
-    else:
-        cmd = [sys.executable, "-m", "rpool_agent.cli", "detect", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+def test_json_and_output_file(tmp_path: Path) -> None:
+    out = tmp_path / "topology.json"
+    done = detect(f"--sysroot={TREE}", "-fjson", "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "" and '"numa"' in out.read_text()
 
 
 @pytest.mark.parametrize(
-    "args",
+    ("args", "says"),
     [
-        ["--sysroot", str(TREE)],
-        ["--sysroot", str(TREE), "--format", "ctest", "--hyperthreads"],
-        ["--sysroot", str(TREE), "-f", "canary-nodes", "--slots-per-gpu", "2"],
-        ["--sysroot", str(TREE), "--format", "xml"],
-        ["--sysroot", "/nonexistent"],
-        [f"--sysroot={TREE}", "-fjson", "--slots-per-gpu=3"],
-        ["--sysroot", str(TREE), "--slots-per-gpu", "0"],
-        ["--sysroot", str(TREE), "--mig=yes"],
-        ["--sysroot", str(TREE), "--hyper"],
+        (["--format", "xml"], "argument -f/--format: invalid choice: 'xml'"),
+        (["--format="], "argument -f/--format: invalid choice: ''"),
+        (["--slots-per-gpu", "0"], "argument --slots-per-gpu: expected a whole number >= 1"),
+        (["--slots-per-gpu", "two"], "argument --slots-per-gpu: expected a whole number >= 1"),
+        (["--mig=yes"], "argument --mig/--no-mig: ignored explicit argument 'yes'"),
+        (["--hyper"], "unrecognized arguments: --hyper"),  # no abbreviations
+        (["--sysroot"], "argument --sysroot: expected one argument"),
+        (["extra"], "unrecognized arguments: extra"),
     ],
 )
-def test_fast_path_matches_typer(args: list[str]) -> None:
-    fast, slow = run(args, fast=True), run(args, fast=False)
-    slow_err = slow.stderr.replace("python -m rpool_agent.cli", "rpool-agent")  # usage lines
-    assert (fast.returncode, fast.stdout, fast.stderr) == (slow.returncode, slow.stdout, slow_err)
-    assert "Traceback" not in fast.stderr
-    ok = not {"xml", "/nonexistent", "0", "--mig=yes", "--hyper"} & set(args)
-    assert (fast.returncode == 0) == ok
-    assert ("cpus" in fast.stdout) == ok
+def test_bad_options_are_usage_errors(args: list[str], says: str) -> None:
+    done = detect("--sysroot", str(TREE), *args)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.startswith("usage: rpool-agent detect ")
+    assert done.stderr.splitlines()[-1].startswith(f"rpool-agent detect: error: {says}")
 
 
-def test_fast_path_does_not_import_typer() -> None:
-    code = (
-        "import sys; from rpool_agent.entry import main; sys.argv=['rpool-agent','detect',"
-        f"'--sysroot',{str(TREE)!r}]\n"
-        "try:\n    main()\nexcept SystemExit:\n    pass\n"
-        "print('typer' in sys.modules, file=sys.stderr)"
-    )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert r.stderr.strip().splitlines()[-1] == "False"
+def test_a_missing_sysroot_is_one_line() -> None:
+    done = detect("--sysroot", "/nonexistent")
+    assert done.returncode != 0
+    assert done.stderr == "rpool-agent: system root '/nonexistent' is not a directory\n"

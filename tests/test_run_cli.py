@@ -1,4 +1,5 @@
-"""The typer-free fast path of `run` behaves exactly like the typer command."""
+"""`rpool-agent run`'s command line: where the options end and the command begins, usage
+errors, what its start-up imports, and a quiet Ctrl-C."""
 
 from __future__ import annotations
 
@@ -11,41 +12,59 @@ from typing import Any
 import pytest
 from agent_fixture import Agent, gpu_pool, running_agent, wait_until
 
-from rpool_agent.run_cmd import OPTIONS, parse_fast
+from rpool_agent.cli import build_parser
+from rpool_agent.cli.leases import command_of
+from rpool_agent.cli.options import UsageError
 
-FAST = "import sys; from rpool_agent.entry import main; sys.argv[0]='rpool-agent'; main()"
-
-
-def test_fast_parser_knows_exactly_the_typer_options() -> None:
-    import typer.main
-
-    from rpool_agent.cli import app
-
-    command = typer.main.get_command(app).commands["run"]  # type: ignore[attr-defined]
-    typer_opts = {
-        o: (p.name, not p.is_flag)
-        for p in command.params
-        for o in p.opts
-        if o != "--help" and p.name != "cmd"
-    }
-    assert typer_opts == OPTIONS
+RUN = [sys.executable, "-m", "rpool_agent.cli", "run"]
 
 
 @pytest.mark.parametrize(
-    ("argv", "expected"),
+    ("argv", "options", "cmd"),
     [
-        (["--", "true"], ({}, ["true"])),
-        (["--gpus", "2", "--gpus=1", "--", "ctest", "-j8"], ({"gpus": "1"}, ["ctest", "-j8"])),
-        (["--label", "a b", "--", "x", "--", "--gpus"], ({"label": "a b"}, ["x", "--", "--gpus"])),
-        (["--gpus", "1", "true"], None),  # no --: click decides what is the command
-        (["--gpus", "1", "--"], None),  # no command
-        (["--help", "--", "true"], None),
-        (["--label", "--", "true"], None),  # a value that looks like an option
-        (["--gpu", "1", "--", "true"], None),  # click completes no abbreviation
+        (["--", "true"], {}, ["true"]),
+        (["--gpus", "2", "--gpus=1", "--", "ctest", "-j8"], {"gpus": 1}, ["ctest", "-j8"]),
+        (["--label", "a b", "--", "x", "--", "--gpus"], {"label": "a b"}, ["x", "--", "--gpus"]),
+        (["--gpus", "1", "sh", "--gpus", "3"], {"gpus": 1}, ["sh", "--gpus", "3"]),  # CMD's own
+        (["--cpus", "2", "--", "--help"], {"cpus": 2}, ["--help"]),  # a command named --help
+        (["--timeout", "nan", "--", "true"], {}, ["true"]),  # the library refuses NaN (125)
     ],
 )
-def test_parse_fast_reads_as_click_or_gives_up(argv: list[str], expected: Any) -> None:
-    assert parse_fast(argv) == expected
+def test_options_end_where_the_command_begins(
+    argv: list[str], options: dict[str, Any], cmd: list[str]
+) -> None:
+    args = build_parser().parse_args(["run", *argv])
+    assert command_of(args) == cmd
+    for name, value in options.items():
+        assert getattr(args, name) == value
+
+
+def test_no_command_is_a_usage_error() -> None:
+    for argv in (["--gpus", "1"], ["--gpus", "1", "--"]):
+        with pytest.raises(UsageError, match="no command given"):
+            command_of(build_parser().parse_args(["run", *argv]))
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--gpus", "-1", "--", "true"], "argument --gpus: expected a whole number >= 0"),
+        (["--gpus", "x", "--", "true"], "argument --gpus: expected a whole number >= 0"),
+        (["--timeout", "-1", "--", "true"], "argument --timeout: expected a number of seconds"),
+        (["--bogus", "--", "true"], "unrecognized arguments: --bogus"),
+        (["--gpu", "1", "--", "true"], "unrecognized arguments: --gpu"),  # no abbreviations
+        (["--label", "--", "true"], "argument --label: expected one argument"),
+        (["--gpus", "1", "--"], "no command given (put it after --)"),
+    ],
+)
+def test_usage_errors_exit_2_before_any_agent_is_asked(
+    tmp_path: Path, argv: list[str], says: str
+) -> None:
+    env = {"RPOOL_AGENT_SOCKET": str(tmp_path / "none.sock"), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([*RUN, *argv], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.startswith("usage: rpool-agent run [OPTIONS] -- CMD [ARG ...]\n")
+    assert done.stderr.splitlines()[-1].startswith(f"rpool-agent run: error: {says}")
 
 
 @pytest.fixture(scope="module")
@@ -54,63 +73,28 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Any:
         yield agent
 
 
-def run(agent: Agent, args: list[str], *, fast: bool) -> subprocess.CompletedProcess[str]:
-    head = [sys.executable, "-c", FAST] if fast else [sys.executable, "-m", "rpool_agent.cli"]
-    return subprocess.run(
-        [*head, "run", *args], env=agent.env, capture_output=True, text=True, timeout=60
-    )
-
-
-SHOW = ["sh", "-c", 'echo "$CUDA_VISIBLE_DEVICES $OMP_NUM_THREADS $RPOOL_GPU_IDS"; exit 3']
-
-
-@pytest.mark.parametrize(
-    "args",
-    [
-        ["--gpus", "1", "--", *SHOW],
-        ["--gpus=2", "--cpus", "2", "--label", "lbl", "--", *SHOW],
-        ["--request", "gpus:1", "--timeout", "5", "--", *SHOW],
-        ["--gpus", "9", "--", "true"],  # never grantable: 125, one line
-        ["--gpus", "1", "--timeout", "nan", "--", "true"],
-        ["--gpus", "1", "--", "/nonexistent/cmd"],  # 127
-        ["--gpus", "-1", "--", "true"],  # usage errors: typer's own words, both ways
-        ["--gpus", "x", "--", "true"],
-        ["--bogus", "--", "true"],
-        ["--gpus", "1", "--"],
-        ["--gpus", "1", *SHOW[:1], "-c", "exit 4"],  # no --: typer decides, both ways
-    ],
-)
-def test_fast_path_matches_typer(agent: Agent, args: list[str]) -> None:
-    fast, slow = run(agent, args, fast=True), run(agent, args, fast=False)
-    slow_err = slow.stderr.replace("python -m rpool_agent.cli", "rpool-agent")  # usage lines
-    assert (fast.returncode, fast.stdout, fast.stderr) == (slow.returncode, slow.stdout, slow_err)
-    assert "Traceback" not in fast.stderr
-    assert fast.returncode != 0  # each case fails in its own way (3 from SHOW's exit)
-
-
-def test_fast_path_imports_no_typer_asyncio_or_dataclasses(agent: Agent, tmp_path: Path) -> None:
+def test_run_imports_no_typer_click_asyncio_or_dataclasses(agent: Agent) -> None:
     # -X importtime lists every import the run process made before it exec'd the command
-    cmd = [sys.executable, "-X", "importtime", "-c", FAST, "run", "--gpus", "1", "--", "true"]
+    cmd = [sys.executable, "-X", "importtime", *RUN[1:], "--gpus", "1", "--", "true"]
     r = subprocess.run(cmd, env=agent.env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines()}
     assert "rpool_agent.runner" in imported
-    heavy = ("typer", "click", "asyncio", "dataclasses")  # 40 / 10 / 8 ms on this VM
+    heavy = ("typer", "click", "asyncio", "dataclasses", "shutil")
     assert not {m for m in imported if m.split(".")[0] in heavy}
 
 
-def test_ctrl_c_while_waiting_is_a_quiet_130_both_ways(agent: Agent) -> None:
+def test_ctrl_c_while_waiting_is_a_quiet_130(agent: Agent) -> None:
     with agent.client() as c, c.acquire(gpus=2):  # so that run waits in the queue
-        for head in ([sys.executable, "-c", FAST], [sys.executable, "-m", "rpool_agent.cli"]):
-            proc = subprocess.Popen(
-                [*head, "run", "--gpus", "1", "--", "true"],
-                env=agent.env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            wait_until(lambda: len(agent.status()["waiters"]) == 1)
-            proc.send_signal(signal.SIGINT)
-            out, err = proc.communicate(timeout=30)
-            assert (proc.returncode, out, err) == (130, "", "")  # no traceback
-            wait_until(lambda: not agent.status()["waiters"])  # its request went with it
+        proc = subprocess.Popen(
+            [*RUN, "--gpus", "1", "--", "true"],
+            env=agent.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        wait_until(lambda: len(agent.status()["waiters"]) == 1)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        assert (proc.returncode, out, err) == (130, "", "")  # no traceback
+        wait_until(lambda: not agent.status()["waiters"])  # its request went with it

@@ -1,0 +1,160 @@
+"""Benchmark: `rpool-agent run --gpus 1 -- true` against `python -c pass`.
+
+    python bench/run.py [--runs 40] [--python PY | --script PATH] [--against SCRIPT ...]
+
+`run` sits in front of every command a harness leases for, so its start-up counts; the
+target (2-core CI VM) is <= 3x a bare interpreter's start. A private agent serves a
+hand-written pool (8 GPUs, this process's CPUs) on a socket in a temporary directory;
+each `run` leases, execs `true`, and the lease ends with it. The commands run
+alternately in one loop, so load spikes hit all of them; medians and ratios are printed
+and written as JSON to bench/results/. A benchmark, not a test: nothing here fails a
+build.
+
+As with bench/detect.py, point `--python` at a clean venv with a non-editable install
+(`pip install .`): an editable install's finder adds start-up time that is not ours.
+`--against` times another install's script (e.g. an older version) in the same loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RATIO_TARGET = 3.0
+# As in bench/detect.py: children run from "/" with bytecode caches allowed.
+CHILD_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
+def agent_command(python: str) -> list[str]:
+    script = Path(python).with_name("rpool-agent")
+    return [str(script)] if script.exists() else [python, "-m", "rpool_agent.cli"]
+
+
+def script_python(script: str) -> str:
+    with open(script, encoding="utf-8", errors="replace") as fh:
+        first = fh.readline()
+    if not first.startswith("#!"):
+        raise SystemExit(f"{script}: not a script with a #! line")
+    return first[2:].strip().split()[0]
+
+
+def wait_listening(path: str, deadline_s: float = 30.0) -> None:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(path)
+                return
+            except OSError:
+                time.sleep(0.02)
+    raise SystemExit(f"no agent listening at {path} after {deadline_s:g} s")
+
+
+def start_agent(python: str, tmp: str) -> tuple[subprocess.Popen[bytes], str]:
+    cpus = sorted(os.sched_getaffinity(0))
+    pool = {
+        "resource_pool": {
+            "resources": {
+                "cpus": [{"id": str(i), "slots": 1} for i in cpus],
+                "gpus": [{"id": str(i), "slots": 1} for i in range(8)],
+            }
+        }
+    }
+    pool_file = os.path.join(tmp, "pool.json")
+    Path(pool_file).write_text(json.dumps(pool))
+    sock = os.path.join(tmp, "agent.sock")
+    cmd = [python, "-m", "rpool_agent.cli", "serve", "--pool", pool_file, "--socket", sock]
+    cmd += ["--state-dir", os.path.join(tmp, "state")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/")
+    wait_listening(sock)
+    return proc, sock
+
+
+def wall_ms(cmd: list[str], env: dict[str, str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, stdout=subprocess.DEVNULL, check=True, env=env, cwd="/")
+    return (time.perf_counter() - start) * 1000
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=40, help="runs per command (median)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--python", help="measure the install this interpreter sees")
+    which.add_argument("--script", help="measure this rpool-agent script (and its #! python)")
+    parser.add_argument(
+        "--against",
+        action="append",
+        default=[],
+        metavar="SCRIPT",
+        help="also time this rpool-agent script in the same loop",
+    )
+    args = parser.parse_args()
+    runs = max(3, args.runs)
+    if args.script:
+        py, agent = script_python(args.script), [args.script]
+    else:
+        py = args.python or sys.executable
+        agent = agent_command(py)
+
+    with tempfile.TemporaryDirectory(prefix="rpool-bench-run-") as tmp:
+        proc, sock = start_agent(py, tmp)
+        env = {**CHILD_ENV, "RPOOL_AGENT_SOCKET": sock}
+        commands = {
+            "python -c pass": [py, "-c", "pass"],
+            "rpool-agent run --gpus 1 -- true": [*agent, "run", "--gpus", "1", "--", "true"],
+            "rpool-agent run --cpus 1 -- true": [*agent, "run", "--cpus", "1", "--", "true"],
+            "python -c 'import rpool_agent.cli'": [py, "-c", "import rpool_agent.cli"],
+        }
+        for script in args.against:
+            commands[f"against: {script} run"] = [script, "run", "--gpus", "1", "--", "true"]
+        times: dict[str, list[float]] = {name: [] for name in commands}
+        try:
+            for cmd in commands.values():
+                wall_ms(cmd, env)  # warm the page cache and write the bytecode caches
+            for _ in range(runs):  # alternate, so load spikes hit all
+                for name, cmd in commands.items():
+                    times[name].append(wall_ms(cmd, env))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+    med = {name: statistics.median(ms) for name, ms in times.items()}
+    base = med["python -c pass"]
+    print(f"command: {' '.join(agent)} run ...")
+    print(f"python:  {py}")
+    print(f"{'what':<52} {'median ms':>10} {'x pass':>7}   ({runs} runs, {os.cpu_count()} CPUs)")
+    for name, ms in med.items():
+        print(f"{name:<52} {ms:10.1f} {ms / base:6.1f}x")
+    ratio = med["rpool-agent run --gpus 1 -- true"] / base
+    verdict = "ok" if ratio <= RATIO_TARGET else "MISSED"
+    print(f"ratio run / python -c pass: {ratio:.1f}x (target <= {RATIO_TARGET:g}x: {verdict})")
+
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    path = out / f"run-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    result = {
+        "runs": runs,
+        "cpus": os.cpu_count(),
+        "python": py,
+        "command": agent,
+        "median_ms": med,
+        "ratio": ratio,
+        "runs_ms": times,
+    }
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path.relative_to(HERE.parent)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

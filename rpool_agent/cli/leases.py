@@ -1,0 +1,121 @@
+"""Commands of the agent's clients: `run` and `acquire` lease, `release` ends a lease,
+`status` shows the pool.
+
+`run` sits in front of every command a harness leases for: its path imports neither
+asyncio nor dataclasses (tests/test_run_cli.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .options import Command, UsageError, add_request, echo, request_args
+
+RUN_DOC = """\
+Lease resources, then exec CMD inside the lease.
+
+CMD comes after `--`; options after CMD are CMD's own. In CMD's arguments,
+{ctest_spec}, {pool} and {pool_nodes} become the paths of the lease as a CTest
+resource spec and as canary pool files (see docs/run.md). The lease lasts
+exactly as long as CMD.
+
+exit status:
+  CMD's own when CMD ran
+  125       run itself failed: no agent, request refused or not granted in time
+  126, 127  CMD cannot be executed / was not found (as env(1) and timeout(1))
+  2         usage error"""
+
+
+def declare_run(p: argparse.ArgumentParser) -> None:
+    add_request(p)
+    p.add_argument(
+        "cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARG ...]", help="the command to run"
+    )
+
+
+def declare_acquire(p: argparse.ArgumentParser) -> None:
+    add_request(p)
+    p.add_argument(
+        "--holder",
+        type=int,
+        metavar="PID",
+        help="the process whose lifetime the lease follows (default: the parent, i.e. the"
+        " shell that evals the output)",
+    )
+
+
+def declare_release(p: argparse.ArgumentParser) -> None:
+    p.add_argument("lease", metavar="LEASE", help="lease id ($RPOOL_LEASE_ID)")
+
+
+def declare_status(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--json", dest="as_json", action="store_true", help="the agent's status reply as JSON"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import RpoolAgentError
+    from ..runner import RUN_FAILED, run_in_lease
+
+    cmd = command_of(args)
+    try:
+        return run_in_lease(cmd, **request_args(args))  # type: ignore[arg-type]
+    except RpoolAgentError as exc:
+        echo(f"rpool-agent: {exc}", err=True)
+        return RUN_FAILED
+
+
+def command_of(args: argparse.Namespace) -> list[str]:
+    """`run`'s CMD: what follows the options, less the `--` that argparse keeps."""
+    cmd: list[str] = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        raise UsageError("no command given (put it after --)")
+    return cmd
+
+
+def acquire(args: argparse.Namespace) -> int:
+    from ..runner import acquire_for_script
+
+    echo(acquire_for_script(holder=args.holder, **request_args(args)))  # type: ignore[arg-type]
+    return 0
+
+
+def release(args: argparse.Namespace) -> int:
+    from ..client import Client
+
+    with Client() as c:
+        c.release(args.lease)
+    echo(f"released {args.lease}")
+    return 0
+
+
+def status(args: argparse.Namespace) -> int:
+    from ..client import Client
+    from ..runner import format_status
+
+    with Client() as c:
+        snap = c.status()
+    if args.as_json:
+        import json
+
+        echo(json.dumps(snap, indent=2))
+    else:
+        echo(format_status(snap))
+    return 0
+
+
+COMMANDS = (
+    Command("run", RUN_DOC, declare_run, run, usage="%(prog)s [OPTIONS] -- CMD [ARG ...]"),
+    Command(
+        "acquire",
+        "Lease for a script: print `export` lines to eval.\n\n"
+        '  eval "$(rpool-agent acquire --gpus 1)"\n\n'
+        "The lease lasts as long as the holder process (the caller, a shell) lives, or\n"
+        "until `rpool-agent release $RPOOL_LEASE_ID`.",
+        declare_acquire,
+        acquire,
+    ),
+    Command("release", "Release a lease now (yours, or any as root).", declare_release, release),
+    Command("status", "Free and used slots per type, leases and waiters.", declare_status, status),
+)

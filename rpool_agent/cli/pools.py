@@ -1,0 +1,224 @@
+"""Commands about pool documents: `detect` writes one from this node's hardware,
+`validate` checks one, `convert` rewrites one in another form.
+
+`detect` runs in every job's prologue, so its path imports only what it uses (the probes,
+the writer of one form); tests/test_layering.py lists what it must never load.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from .options import FORMS_HELP, POOL_FORMATS, Command, add_output, add_pool_shape, echo
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+
+DETECT_FORMATS = (*POOL_FORMATS, "json")
+_MAX_SHOWN = 50  # problems `validate` lists before it just counts the rest
+
+
+def declare_detect(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-f",
+        "--format",
+        dest="form",
+        choices=DETECT_FORMATS,
+        default="canary",
+        metavar="FORMAT",
+        help="canary (flat YAML, the default), canary-nodes, ctest (resource spec JSON)"
+        " or json (the topology report)",
+    )
+    add_pool_shape(p)
+    p.add_argument(
+        "--sysroot",
+        default="/",
+        metavar="DIR",
+        help="probe a recorded /sys + /proc tree under DIR instead of this machine",
+    )
+    add_output(p)
+
+
+def declare_validate(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "file", metavar="FILE", help="pool file: canary YAML (either form) or CTest JSON"
+    )
+    p.add_argument(
+        "-f",
+        "--format",
+        dest="form",
+        choices=("auto", *POOL_FORMATS),
+        default="auto",
+        metavar="FORMAT",
+        help=f"the form FILE must have: {FORMS_HELP} (default: auto, tell from the content)",
+    )
+
+
+def declare_convert(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", metavar="FILE", help="pool file to read (any form)")
+    p.add_argument(
+        "-t",
+        "--to",
+        required=True,
+        choices=POOL_FORMATS,
+        metavar="FORMAT",
+        help=f"form to write: {FORMS_HELP}",
+    )
+    p.add_argument(
+        "--from",
+        dest="source_form",
+        choices=("auto", *POOL_FORMATS),
+        default="auto",
+        metavar="FORMAT",
+        help="form of FILE (default: auto, tell from the content)",
+    )
+    add_output(p)
+
+
+# --- detect ---------------------------------------------------------------------------------
+
+
+def detect(args: argparse.Namespace) -> int:
+    from ..errors import ConfigError
+
+    try:
+        run_detect(
+            args.form,
+            hyperthreads=bool(args.hyperthreads),
+            slots_per_gpu=args.slots_per_gpu or 1,
+            mig=args.mig is not False,  # offered unless --no-mig
+            sysroot=args.sysroot,
+            output=args.output,
+        )
+    except ConfigError as exc:  # a bad --sysroot and the like: a usage error
+        echo(f"rpool-agent: {exc}", err=True)
+        return 2
+    return 0
+
+
+def run_detect(
+    form: str = "canary",
+    *,
+    hyperthreads: bool = False,
+    slots_per_gpu: int = 1,
+    mig: bool = True,
+    sysroot: str = "/",
+    output: str | None = None,
+) -> None:
+    """Probe, then write the pool (or the JSON topology report) to stdout or `output`.
+
+    NVML installed but failing is an error (ProbeError, nothing written): a pool without
+    the node's GPUs would look fine while every GPU job fails (docs/gpus.md)."""
+    from ..detect import detect_pool, topology_report
+    from ..errors import ProbeError
+    from ..probes.nvidia import probe_gpus
+
+    gpus = probe_gpus(sysroot)
+    if gpus.failed:
+        raise ProbeError(gpus.problem or "NVIDIA GPUs unavailable")
+    notes: list[str] = []
+    if form == "json":
+        import json
+
+        text = json.dumps(topology_report(sysroot, gpu_report=gpus), indent=2) + "\n"
+    else:
+        from ..formats import dumps
+
+        pool = detect_pool(
+            sysroot,
+            hyperthreads=hyperthreads,
+            slots_per_gpu=slots_per_gpu,
+            mig=mig,
+            gpu_report=gpus,
+            notes=notes,
+        )
+        text = dumps(pool, form)  # CTest's spec drops topology: expected, so no notes
+    for line in [gpus.problem, *notes] if gpus.problem else notes:
+        sys.stderr.write(f"rpool-agent: {line}\n")
+    write_text(text, output)
+
+
+def write_text(text: str, output: str | None) -> None:
+    """To stdout (`None` or `-`), or atomically to a file: readers never see half of it."""
+    from ..errors import RpoolAgentError
+
+    if output is None or output == "-":
+        sys.stdout.write(text)
+        return
+    tmp = f"{output}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, output)
+    except OSError as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise RpoolAgentError(f"cannot write {output}: {exc.strerror or exc}") from None
+
+
+# --- validate, convert ----------------------------------------------------------------------
+
+
+def validate(args: argparse.Namespace) -> int:
+    from ..formats import check_file
+
+    file = args.file
+    checked = check_file(file, format=args.form)
+    if checked.errors or checked.pool is None:
+        for err in checked.errors[:_MAX_SHOWN]:
+            echo(str(err), err=True)
+        if len(checked.errors) > _MAX_SHOWN:
+            echo(f"{file}: ... and {len(checked.errors) - _MAX_SHOWN} more", err=True)
+        return 1
+    echo(f"{file}: valid {checked.format} pool: {checked.pool.summary()}")
+    if checked.format == "ctest":
+        from pathlib import Path
+
+        from ..formats.ctest import ctest_reads
+
+        if not ctest_reads(Path(file).read_text(encoding="utf-8-sig", errors="replace")):
+            echo(
+                f"{file}: note: the seed's YAML shape of a CTest spec; ctest itself reads only "
+                "JSON with 'version' and 'local' a list (convert --to ctest writes that)",
+                err=True,
+            )
+    return 0
+
+
+def convert(args: argparse.Namespace) -> int:
+    from ..formats import load_file, render
+
+    pool = load_file(args.file, format=args.source_form)
+    text, notes = render(pool, args.to)
+    write_text(text, args.output)
+    for note in notes:
+        echo(f"rpool-agent: note: {args.to}: {note}", err=True)
+    return 0
+
+
+COMMANDS = (
+    Command(
+        "detect",
+        "Print this node's CPUs and NVIDIA GPUs as a pool file.\n\n"
+        "Probes CPUs, NUMA nodes and GPUs. Lists only the cpus this process may run on\n"
+        "(affinity, cgroup cpuset) and the GPUs NVML shows. See docs/detect.md.",
+        declare_detect,
+        detect,
+    ),
+    Command(
+        "validate",
+        "Check a pool file; list every problem.\n\n"
+        "Prints a one-line summary, or every problem found and exits 1.",
+        declare_validate,
+        validate,
+    ),
+    Command(
+        "convert",
+        "Rewrite a pool file in another form.\n\n"
+        "What the target form cannot hold is noted on stderr.",
+        declare_convert,
+        convert,
+    ),
+)
