@@ -303,7 +303,7 @@ def test_cli_output_file(trees: Path, tmp_path: Path) -> None:
     ("args", "code", "says"),
     [
         (["--sysroot", "/nonexistent/tree"], 1, "is not a directory"),
-        (["--format", "xml"], 2, "--format must be one of"),
+        (["--format", "xml"], 2, "argument -f/--format: invalid choice: 'xml'"),
         (["--slots-per-gpu", "0"], 2, "slots-per-gpu"),
         (["-o", "/nonexistent/dir/pool.yaml"], 1, "cannot write"),
     ],
