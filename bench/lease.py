@@ -12,7 +12,9 @@ For 1, 8 and 64 concurrent client PROCESSES it measures:
 Ratios: a cycle is two round trips, so `cycle cost / (2 x echo round trip)` says what the
 agent adds on top of moving the bytes (epoll) or moving and parsing them (json). Targets
 (2-core VM): <= 2.5x the same-kind (JSON-lines) echo, p99 acquire at 64 clients <= 2x that
-echo's p99.
+echo's p99, with a journal compaction inside the measured window: each agent slot notes
+whether the journal's inode changed (a compaction renames a new file over it), and the
+table says in how many rounds it did (`--compact-slack N` compacts more often).
 
 Interleaved, because this VM is noisy: one set of client processes per level stays
 connected to every server, and each round runs every server for `--seconds`, in an order
@@ -179,7 +181,9 @@ def wait_listening(path: str, timeout: float = 20) -> None:
     raise TimeoutError(path)
 
 
-def start_agent(tmp: str, n_cpus: int = 256, n_gpus: int = 1) -> tuple[subprocess.Popen[str], str]:
+def start_agent(
+    tmp: str, n_cpus: int = 256, n_gpus: int = 1, compact_slack: int | None = None
+) -> tuple[subprocess.Popen[str], str]:
     pool = {
         "resource_pool": {
             "additional_properties": {},
@@ -194,9 +198,19 @@ def start_agent(tmp: str, n_cpus: int = 256, n_gpus: int = 1) -> tuple[subproces
     sock = os.path.join(tmp, "agent.sock")
     cmd = [PY, "-m", "rpool_agent.cli", "serve", "--pool", pf, "--socket", sock]
     cmd += ["--state-dir", os.path.join(tmp, "state")]
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+    env = dict(os.environ)
+    if compact_slack is not None:
+        env["RPOOL_AGENT_COMPACT_SLACK"] = str(compact_slack)
+    p = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True, env=env
+    )
     wait_listening(sock)
     return p, sock
+
+
+def journal_inode(tmp: str) -> int:
+    """The agent journal's inode: a compaction renames a new file over it."""
+    return os.stat(os.path.join(tmp, "state", "leases.jsonl")).st_ino
 
 
 def start_echo(kind: str, tmp: str) -> tuple[subprocess.Popen[str], str]:
@@ -265,16 +279,23 @@ class Clients:
 
 
 def measure_level(
-    n: int, servers: dict[str, str], rounds: int, seconds: float
+    n: int, servers: dict[str, str], rounds: int, seconds: float, tmp: str
 ) -> list[dict[str, dict[str, float]]]:
-    """Per round, each server's slot; the order rotates so no server always goes first."""
+    """Per round, each server's slot; the order rotates so no server always goes first.
+    The agent's slot notes whether its journal was compacted inside it."""
     clients = Clients(n, servers)
     names = list(servers)
     out = []
     try:
         for r in range(rounds):
             order = names[r % len(names) :] + names[: r % len(names)]
-            out.append({name: clients.run(name, seconds) for name in order})
+            row = {}
+            for name in order:
+                before = journal_inode(tmp) if name == "agent" else 0
+                row[name] = clients.run(name, seconds)
+                if name == "agent":
+                    row[name]["compacted"] = float(journal_inode(tmp) != before)
+            out.append(row)
     finally:
         clients.close()
     return out
@@ -303,6 +324,7 @@ def summarize(per_round: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
         k: {"median": statistics.median(v), "min": min(v), "max": max(v), "rounds": v}
         for k, v in ratios.items()
     }
+    row["agent"]["rounds_with_compaction"] = sum(r["agent"]["compacted"] for r in per_round)
     return row
 
 
@@ -369,22 +391,30 @@ def main() -> None:
     ap.add_argument("--clients", default="1,8,64")
     ap.add_argument("--reap-rounds", type=int, default=15)
     ap.add_argument("--json", default=str(HERE / "results" / "lease.json"))
+    ap.add_argument(
+        "--compact-slack",
+        type=int,
+        default=None,
+        help="the agent's RPOOL_AGENT_COMPACT_SLACK (default: its own, 2048 records)",
+    )
     a = ap.parse_args()
     levels = [int(x) for x in a.clients.split(",")]
     results: dict[str, Any] = {
         "seconds": a.seconds,
         "rounds": a.rounds,
+        "compact_slack": a.compact_slack,
+        "load_before": os.getloadavg(),
         "levels": {},
         "per_round": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
-        servers = {"agent": start_agent(tmp)}
+        servers = {"agent": start_agent(tmp, compact_slack=a.compact_slack)}
         for kind in ("epoll", "protocol", "json", "streams"):
             servers[f"echo-{kind}"] = start_echo(kind, tmp)
         try:
             paths = {name: sock for name, (_, sock) in servers.items()}
             for n in levels:
-                per_round = measure_level(n, paths, a.rounds, a.seconds)
+                per_round = measure_level(n, paths, a.rounds, a.seconds, tmp)
                 results["per_round"][n] = per_round
                 results["levels"][n] = summarize(per_round)
             if a.reap_rounds:
@@ -413,7 +443,9 @@ def print_table(r: dict[str, Any]) -> None:
     ratios, each the median over rounds of the ratio within a round, with its range
     (targets: cycle <= 2.5x two JSON-echo round trips, p99 acquire at 64 clients <= 2x the
     JSON echo's p99)."""
-    print(f"{r['rounds']} rounds of {r['seconds']:g} s per server; medians over rounds\n")
+    load = ", ".join(f"{x:.1f}" for x in r["load_before"])
+    print(f"{r['rounds']} rounds of {r['seconds']:g} s per server; medians over rounds")
+    print(f"load average before the run: {load}\n")
     print(f"{'clients':>7} {'server':<15} {'ops/s':>9} {'p50 ms':>8} {'p99 ms':>8}   notes")
     for n, row in r["levels"].items():
         for name, m in row.items():
@@ -432,6 +464,7 @@ def print_table(r: dict[str, Any]) -> None:
                     )
                     for k, fmt in labels.items()
                 )
+                note += f"; compacted in {m['rounds_with_compaction']:.0f} of {r['rounds']} rounds"
             cols = f"{m['per_s']:>9.0f} {m['p50_ms']:>8.3f} {m['p99_ms']:>8.3f}"
             print(f"{n:>7} {name:<15} {cols}   {note}")
     rp = r.get("reap")

@@ -14,7 +14,7 @@ from typing import Any
 from .errors import RpoolAgentError
 from .holders import Holder, LeaseExtras
 from .lease import Lease
-from .state import StateStore, lease_record
+from .state import StateStore
 
 
 def restore_leases(server: Any, store: StateStore) -> None:
@@ -23,8 +23,9 @@ def restore_leases(server: Any, store: StateStore) -> None:
     records = store.open(server.log)
     kept: list[str] = []
     dropped: list[str] = []
+    me = os.getpid()
     for rec in records.values():
-        (kept if _adopt(server, store, rec) else dropped).append(rec["id"])
+        (kept if _adopt(server, store, rec, me) else dropped).append(rec["id"])
     for lease_id in dropped:
         files = _lease_files(records[lease_id].get("files"))
         if files is not None:
@@ -41,9 +42,8 @@ def restore_leases(server: Any, store: StateStore) -> None:
             + f", dropped {len(dropped)}"
             + (f" ({_ids(dropped)})" if dropped else "")
         )
-    leases = server.allocator.leases
     store.start(
-        (lease_record(leases[i], server.extras[i]) for i in kept),
+        kept,
         at_turn_end=server.at_turn_end,
         log=lambda line: server._log(line, important=True),
     )
@@ -53,17 +53,17 @@ def _ids(ids: list[str], most: int = 20) -> str:
     return ", ".join(ids[:most]) + (f", ... ({len(ids) - most} more)" if len(ids) > most else "")
 
 
-def _adopt(server: Any, store: StateStore, rec: dict[str, Any]) -> bool:
+def _adopt(server: Any, store: StateStore, rec: dict[str, Any], me: int) -> bool:
     """Give one recorded lease back to the allocator if its holder still runs."""
     h = rec["holder"]
     holder = Holder(h["pid"], h["uid"], h["gid"], h.get("starttime"))
-    if holder.starttime is None or holder.pid == os.getpid():
+    if holder.starttime is None or holder.pid == me:
         return False  # a holder we cannot tell from a recycled pid is not trusted
     owner = ("pid", holder.pid, holder.starttime)
     fd = server.pids.watch(holder.pid, holder.starttime, owner)
     if fd is None:
         return False
-    try:
+    try:  # the allocator's part of the record is checked here, once
         lease = Lease.from_dict({**rec, "owner": list(owner)})
         server.allocator.adopt(lease)
     except RpoolAgentError as exc:

@@ -83,9 +83,9 @@ def frame(obj: Any) -> bytes:
     return b"%s\t%d:%08x\n" % (data, len(data), zlib.crc32(data))
 
 
-def unframe(line: bytes) -> tuple[Any, bool]:
-    """(the object of one framed line without its newline, whether bytes that are not
-    part of the record precede it); ValueError if the record is damaged."""
+def unframe(line: bytes) -> tuple[bytes, int]:
+    """(the record's JSON in one framed line without its newline, where the record
+    starts: 0 unless bytes that are not part of it precede it); ValueError if damaged."""
     tab = line.rfind(b"\t")
     if tab < 0:
         raise ValueError("no frame trailer")
@@ -94,7 +94,7 @@ def unframe(line: bytes) -> tuple[Any, bool]:
     data = line[tab - n : tab]
     if n <= 0 or len(data) != n or len(crc) != 8 or int(crc, 16) != zlib.crc32(data):
         raise ValueError("checksum mismatch")
-    return json.loads(data), tab > n
+    return data, tab - n
 
 
 def lease_record(lease: Any, extras: Any) -> dict[str, Any]:
@@ -125,6 +125,7 @@ class Journal:
 
     header: dict[str, Any] | None
     leases: dict[str, dict[str, Any]] = field(default_factory=dict)
+    lines: dict[str, bytes] = field(default_factory=dict)  # each live lease's framed line
     damaged: list[int] = field(default_factory=list)
     records: int = 0  # intact records, the header included
 
@@ -144,77 +145,94 @@ def read_journal(data: bytes) -> Journal:
             first = json.loads(lines[0])
             legacy = isinstance(first, dict) and first.get("version") == 1
     out = Journal(header=None)
-    leases = out.leases
+    found: list[tuple[int, bytes, int]] = []  # (line number, line, where its record starts)
+    texts: list[bytes] = []
     for n, raw in enumerate(lines, 1):
         try:
-            entry, junk = (json.loads(raw), False) if legacy else unframe(raw)
+            text, start = (raw, 0) if legacy else unframe(raw)
         except ValueError:
             out.damaged.append(n)
             continue
-        if junk:  # what is left of a damaged record, then an intact one
+        found.append((n, raw, start))
+        texts.append(text)
+    for (n, raw, start), entry in zip(found, _decode_all(texts, legacy), strict=True):
+        if start:  # what is left of a damaged record, then an intact one
             out.damaged.append(n)
         if isinstance(entry, dict) and entry.get("format") == FORMAT:
             if entry.get("version") not in (1, VERSION):
                 raise StateCorrupt(f"state format version {entry.get('version')!r}")
             out.header = entry
             out.records += 1
-            continue
-        lease_id = _apply(entry, leases)
-        if lease_id is None:
-            if not junk:
-                out.damaged.append(n)
-        else:
+        elif _apply(entry, frame(entry) if legacy else raw[start:] + b"\n", out):
             out.records += 1
+        elif not start:
+            out.damaged.append(n)
+    out.damaged.sort()
     return out
 
 
-def _apply(entry: Any, leases: dict[str, dict[str, Any]]) -> str | None:
-    """Replay one `grant` or `end` entry; the lease id, or None for a wrong shape."""
+def _decode_all(texts: list[bytes], legacy: bool) -> list[Any]:
+    """The records' objects, decoded in one pass (each passed its checksum), else one by
+    one (`_BAD` for a text that is no JSON: version 1 had no checksums)."""
+    if not legacy:
+        with contextlib.suppress(ValueError):
+            entries = json.loads(b"[" + b",".join(texts) + b"]")
+            if len(entries) == len(texts):
+                return entries
+    return [_loads(t) for t in texts]
+
+
+def _loads(text: bytes) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return _BAD
+
+
+_BAD = object()
+
+
+def _apply(entry: Any, line: bytes, out: Journal) -> bool:
+    """Replay one `grant` or `end` entry; False for a wrong shape."""
     if not isinstance(entry, dict) or len(entry) != 1:
-        return None
+        return False
     if "end" in entry:
         lid = entry["end"]
         if not isinstance(lid, str):
-            return None
-        leases.pop(lid, None)
-        return lid
+            return False
+        out.leases.pop(lid, None)
+        out.lines.pop(lid, None)
+        return True
     rec = entry.get("grant")
     if not check_record(rec):
-        return None
-    leases.pop(rec["id"], None)  # a re-grant moves to the end: keeps grant order
-    leases[rec["id"]] = rec
-    return rec["id"]
-
-
-def check_record(rec: Any) -> bool:
-    """Whether a grant record has every field a restore relies on, of the right type."""
-    from .lease import Lease
-
-    if not isinstance(rec, dict):
         return False
-    holder = rec.get("holder")
-    files = rec.get("files")
-    if not (
-        isinstance(holder, dict)
-        and all(_is_int(holder.get(k)) for k in ("pid", "uid", "gid"))
-        and (holder.get("starttime") is None or _is_int(holder["starttime"]))
-        and isinstance(rec.get("token"), str)
-        and rec["token"]
-        and (
-            files is None
-            or (isinstance(files, dict) and all(isinstance(v, str) for v in files.values()))
-        )
-    ):
-        return False
-    try:
-        Lease.from_dict(rec)
-    except (RpoolAgentError, TypeError, ValueError, KeyError, AttributeError):
-        return False
+    lid = rec["id"]
+    out.leases.pop(lid, None)  # a re-grant moves to the end: keeps grant order
+    out.leases[lid] = rec
+    out.lines.pop(lid, None)
+    out.lines[lid] = line
     return True
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+def check_record(rec: Any) -> bool:
+    """Whether a grant record has the journal's own fields (id, holder, token, files) of
+    the right types. The allocator's part is checked once, when the lease is re-adopted
+    (`Lease.from_dict`, which says what is wrong). (`type(x) is int` excludes bools.)"""
+    if type(rec) is not dict:
+        return False
+    h, files = rec.get("holder"), rec.get("files")
+    return bool(
+        type(rec.get("id")) is str
+        and rec["id"]
+        and type(h) is dict
+        and type(h.get("pid")) is int
+        and type(h.get("uid")) is int
+        and type(h.get("gid")) is int
+        and (h.get("starttime") is None or type(h["starttime"]) is int)
+        and type(rec.get("token")) is str
+        and rec["token"]
+        and (files is None or (type(files) is dict and all(type(v) is str for v in files.values())))
+    )
 
 
 def load_records(
@@ -243,6 +261,7 @@ class StateStore:
         self._fd: int | None = None
         self._pending: list[tuple[bytes, Callable[[], None] | None]] = []
         self._live: dict[str, bytes] = {}  # lease id -> its framed grant line
+        self._read_lines: dict[str, bytes] = {}  # what `open` read, until `start`
         self._lines = 0
         self._closed = False
         self._failing = False  # the last write failed; said so once
@@ -323,6 +342,7 @@ class StateStore:
             if journal.leases:
                 log(f"state: {len(journal.leases)} lease(s) from an earlier boot dropped")
             return {}
+        self._read_lines = journal.lines
         return journal.leases
 
     def _lost(self, why: str) -> ConfigError:
@@ -346,17 +366,18 @@ class StateStore:
 
     def start(
         self,
-        records: Iterable[dict[str, Any]],
+        kept: Iterable[str],
         *,
         at_turn_end: Callable[[Callable[[], None]], None],
         log: Callable[[str], None],
     ) -> None:
-        """Begin a new journal holding `records` (the re-adopted leases), before anyone
-        can connect. `at_turn_end(fn)` runs fn once at the end of the loop turn; `log`
-        reports write failures (important lines)."""
+        """Begin a new journal holding the records `open` read for the leases `kept`
+        (re-adopted), before anyone can connect. `at_turn_end(fn)` runs fn once at the
+        end of the loop turn; `log` reports write failures (important lines)."""
         self._at_turn_end = at_turn_end
         self._log = log
-        self._live = {rec["id"]: frame({"grant": rec}) for rec in records}
+        read, self._read_lines = self._read_lines, {}
+        self._live = {lease_id: read[lease_id] for lease_id in kept}
         try:
             fd, tmp = _snapshot(self._dir_fd, list(self._live.values()))
             self._install(fd, tmp)
