@@ -125,7 +125,8 @@ def test_a_grant_whose_journal_write_fails_is_refused_not_forgotten(tmp_path: Pa
         journal = tmp_path / "agent-state" / FILE_NAME
         c = agent.client().connect()
         first = c.acquire(gpus=1, label="before")
-        limit = journal.stat().st_size + 100  # the next grant line (~500 bytes) won't fit
+        # below the journal's size: no append fits, nor a snapshot of the same leases
+        limit = journal.stat().st_size - 50
         hard = resource.prlimit(agent.proc.pid, resource.RLIMIT_FSIZE)[1]
         resource.prlimit(agent.proc.pid, resource.RLIMIT_FSIZE, (limit, hard))  # soft limit
         with answer_within(20):  # the failure this guards against is a reply never sent
