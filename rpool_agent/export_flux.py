@@ -12,7 +12,7 @@ to `flux R` for that.
 
 from __future__ import annotations
 
-from .export_slurm import short_host
+from .export_slurm import gpu_notes, short_host
 from .probes.sysfs import format_cpulist
 
 TYPE_CHECKING = False
@@ -56,7 +56,7 @@ def flux_notes(report: dict[str, Any]) -> list[str]:
     offline = report["cpu"].get("offline") or []
     if offline:
         notes.append(f"offline CPUs {format_cpulist(offline)} are not in R (hwloc skips them)")
-    return notes
+    return notes + gpu_notes(report)
 
 
 def idset(ids: Any) -> str:

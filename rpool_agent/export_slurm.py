@@ -95,10 +95,21 @@ def slurm_export(report: dict[str, Any], *, page_size: int | None = None) -> Slu
     gres, types = gres_lines(report, layout, node, notes)
     if types:
         fields.append("Gres=" + ",".join(_gres_word(t, n) for t, n in types.items()))
-    problem = (report.get("nvidia") or {}).get("problem")
-    if problem:
-        notes.append(problem)
+    notes += gpu_notes(report)
     return SlurmExport(" ".join(fields), gres, notes)
+
+
+def gpu_notes(report: dict[str, Any]) -> list[str]:
+    """The GPU probe's own line, and whether an inherited CUDA_VISIBLE_DEVICES hid GPUs."""
+    nvidia = report.get("nvidia") or {}
+    notes = [nvidia["problem"]] if nvidia.get("problem") else []
+    if nvidia.get("visible_devices") is not None:
+        notes.append(
+            f"CUDA_VISIBLE_DEVICES={nvidia['visible_devices']!r} limits the GPUs this process"
+            " sees, so only those are listed; export outside the job, without it, to"
+            " describe every GPU of the node"
+        )
+    return notes
 
 
 # --- the node line ----------------------------------------------------------------------

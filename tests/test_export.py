@@ -19,6 +19,7 @@ from pathlib import Path
 
 import nvml_fixture as nf
 import pytest
+from rpool_agent.probes.nvidia import probe_gpus
 from rpool_agent.probes.nvidia_caps import parse_mig_minors
 from rpool_agent.probes.sysfs import format_cpulist, parse_cpulist
 
@@ -297,6 +298,21 @@ def test_gres_lines_from_procfs_gpus(tmp_path: Path) -> None:
         "# gres.conf",
         *out.gres_lines,
     ]
+
+
+def test_a_jobs_cuda_visible_devices_is_said(tmp_path: Path) -> None:
+    root = two_socket_96(tmp_path / "node")
+    shutil.copytree(TREES / "gpu-procfs-4", root, dirs_exist_ok=True)
+    gpus = probe_gpus(
+        root, environ={"CUDA_VISIBLE_DEVICES": "2", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    )
+    report = topology_report(root, gpu_report=gpus)
+    out = slurm_export(report)
+    assert out.gres_lines == [
+        "NodeName=dgx Name=gpu Type=nvidia_h100_80gb_hbm3 File=/dev/nvidia0 Cores=24-47"
+    ]
+    for notes in (out.notes, flux_notes(report)):
+        assert any("CUDA_VISIBLE_DEVICES='2'" in n for n in notes)
 
 
 def test_gres_cores_whole_socket_when_numa_is_smaller(tmp_path: Path) -> None:

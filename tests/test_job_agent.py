@@ -1,0 +1,188 @@
+"""The per-job agent (`rpool-agent job -- CMD`, rpool_agent/job_agent.py) inside a
+simulated allocation: the real wrapper process is started with its CPU affinity cut down
+(`os.sched_setaffinity` in the process itself before it execs, which is what `taskset`
+and Slurm's task/affinity do) and an inherited `CUDA_VISIBLE_DEVICES` over the fake NVML.
+The job's own command then asks the private agent what it offers and leases everything;
+nothing outside the allocation may ever appear. Real processes, sockets and pynvml; the
+GPUs are the fake libnvidia-ml.so.1 (no GPU here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import nvml_fixture as nf
+import pytest
+
+fake_nvml_dir = nf.fake_nvml_dir  # session fixture: gcc builds the fake once
+
+# The job's command: what the private agent offers, every lease it can get, and where.
+JOB = r"""
+import json, os, stat, sys
+from rpool_agent import Client
+from rpool_agent.errors import Unsatisfiable
+sock = os.environ["RPOOL_AGENT_SOCKET"]
+out = {"socket": sock, "dir_mode": stat.S_IMODE(os.stat(os.path.dirname(sock)).st_mode)}
+with Client() as c:
+    res = c.pool()["resource_pool"]["nodes"][0]["resources"]
+    out["pool"] = {k: [i["id"] for i in v] for k, v in res.items()}
+    n_cpus, n_gpus = len(res["cpus"]), len(res.get("gpus", []))
+    with c.acquire(cpus=n_cpus, gpus=n_gpus, timeout=10) as lease:
+        out["cpus"] = lease.cpus
+        out["gpus"] = [g.index for g in lease.gpus]
+        env = lease.env()
+        out["cuda"] = env.get("CUDA_VISIBLE_DEVICES")
+    for more in ({"cpus": n_cpus + 1}, {"gpus": n_gpus + 1}):
+        try:
+            c.acquire(timeout=0, **more).release()
+            out.setdefault("granted_beyond", []).append(more)
+        except Unsatisfiable:
+            pass
+json.dump(out, open(sys.argv[1], "w"))
+sys.exit(int(sys.argv[2]))
+"""
+
+# The allocation: affinity first, then exec the wrapper, as taskset would.
+LAUNCH = r"""
+import os, sys
+os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(",")})
+from rpool_agent.job_agent import run_job
+sys.exit(run_job(sys.argv[2:]))
+"""
+
+
+def run_in_allocation(
+    cpus: set[int], env: dict[str, str], tmp_path: Path, code: int = 0
+) -> tuple[subprocess.CompletedProcess[str], dict]:
+    result = tmp_path / "job.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            LAUNCH,
+            ",".join(map(str, sorted(cpus))),
+            sys.executable,
+            "-c",
+            JOB,
+            str(result),
+            str(code),
+        ],
+        env={**env, "TMPDIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.exists(), done.stderr
+    return done, json.loads(result.read_text())
+
+
+def test_job_agent_offers_only_the_jobs_cpus_and_gpus(fake_nvml_dir: Path, tmp_path: Path) -> None:
+    here = sorted(os.sched_getaffinity(0))
+    if len(here) < 2:
+        pytest.skip("needs two usable CPUs to leave one outside the allocation")
+    job_cpus = {here[-1]}
+    gpus = [
+        {"name": "NVIDIA H100 80GB HBM3", "pci_bus_id": f"00000000:{b}:00.0", "minor": i}
+        for i, b in enumerate(("18", "3A", "9A", "DB"))
+    ]
+    conf = nf.write_config(tmp_path / "nvml.conf", gpus)
+    env = {
+        **os.environ,
+        "LD_LIBRARY_PATH": str(fake_nvml_dir),
+        "FAKE_NVML_CONFIG": str(conf),
+        "CUDA_VISIBLE_DEVICES": "1,3",  # the job's GPUs, as Slurm or Flux hand them over
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+    }
+    env.pop("RPOOL_AGENT_SOCKET", None)
+    done, out = run_in_allocation(job_cpus, env, tmp_path, code=3)
+    assert done.returncode == 3  # the command's status is the wrapper's
+    assert out["pool"] == {"cpus": [str(here[-1])], "gpus": ["1", "3"]}
+    assert out["cpus"] == [here[-1]] and out["gpus"] == [1, 3]
+    assert out["cuda"] == "1,3"  # a lease inside hands on physical indices it was given
+    assert "granted_beyond" not in out  # one more CPU or GPU is never offered
+    assert out["dir_mode"] == 0o700  # only the job's user reaches the socket
+    assert Path(out["socket"]).parent.parent == tmp_path  # under the job's TMPDIR
+    assert not Path(out["socket"]).parent.exists()  # gone with the job
+    assert "Traceback" not in done.stderr
+
+
+def test_job_agent_without_gpus_and_with_all_cpus(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "RPOOL_AGENT_SOCKET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU-only job: no GPU, whatever the node has
+    here = set(os.sched_getaffinity(0))
+    done, out = run_in_allocation(here, env, tmp_path)
+    assert done.returncode == 0
+    assert sorted(out["cpus"]) == sorted(here)
+    assert out["gpus"] == [] and out["pool"].get("gpus", []) == []
+
+
+def test_job_agent_that_cannot_start_runs_nothing(tmp_path: Path) -> None:
+    from rpool_agent.job_agent import JobAgentError, run_job
+
+    marker = tmp_path / "ran"
+    with pytest.raises(JobAgentError, match="exited with status"):
+        run_job(
+            [sys.executable, "-c", f"open({str(marker)!r}, 'w')"],
+            serve_args=["--pool", str(tmp_path / "missing.yaml")],
+            env={**os.environ, "TMPDIR": str(tmp_path)},
+        )
+    assert not marker.exists()
+    assert [p for p in tmp_path.iterdir() if p.name.startswith("rpool-job.")] == []
+
+
+def test_job_agent_passes_sigterm_to_the_command(tmp_path: Path) -> None:
+    """Slurm's time limit sends SIGTERM: the command gets it, the wrapper reports it."""
+    ready = tmp_path / "ready"
+    script = (
+        "import pathlib, signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(42))\n"
+        f"pathlib.Path({str(ready)!r}).write_text('x')\n"
+        "time.sleep(60)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RPOOL_AGENT_SOCKET"}
+    env["TMPDIR"] = str(tmp_path)
+    launch = (
+        "import sys; from rpool_agent.job_agent import run_job; sys.exit(run_job(sys.argv[1:]))"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", launch, sys.executable, "-c", script],
+        env=env,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for(ready, proc)
+        proc.terminate()
+        assert proc.wait(timeout=30) == 42
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert [p for p in tmp_path.iterdir() if p.name.startswith("rpool-job.")] == []
+
+
+def wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    """Until `path` exists (the command started), with a deadline; fails if proc ends."""
+    import select
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        select.select([], [], [], 0.02)
+
+
+def test_private_directory_is_the_jobs_own(tmp_path: Path) -> None:
+    from rpool_agent.job_agent import job_tmpdir
+
+    flux = tmp_path / "flux"
+    flux.mkdir()
+    assert job_tmpdir({"FLUX_JOB_TMPDIR": str(flux), "TMPDIR": "/nonexistent"}) == str(flux)
+    assert job_tmpdir({"TMPDIR": str(tmp_path)}) == str(tmp_path)
+    assert os.path.isdir(job_tmpdir({"TMPDIR": str(tmp_path / "missing")}))
+    assert stat.S_ISDIR(os.stat(job_tmpdir({})).st_mode)
