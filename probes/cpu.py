@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import os
 
+from .cgroup import CpuQuota, Cpuset, cpu_quota
+from .cgroup import cgroup_cpuset as _cgroup_cpuset
 from .record import Frozen
-from .sysfs import Root, as_root, mounts
+from .sysfs import Root, as_root
+
+__all__ = ["CpuQuota", "CpuTopology", "Cpuset", "probe_cpus"]
 
 CPU = "sys/devices/system/cpu"
 
@@ -34,14 +38,6 @@ class Package(Frozen):
     physical_id: int | None  # physical_package_id; None where the kernel says -1
 
 
-class Cpuset(Frozen):
-    """A cgroup cpuset that restricts this process, and the file it was read from."""
-
-    cpus: tuple[int, ...]
-    file: str  # path under the root, e.g. "/sys/fs/cgroup/ci.slice/cpuset.cpus.effective"
-    version: int  # cgroup version: 1 or 2
-
-
 class CpuTopology(Frozen):
     """What `probe_cpus` found. `usable` = affinity ∩ cpuset ∩ online."""
 
@@ -57,6 +53,7 @@ class CpuTopology(Frozen):
     model_name: str | None
     vendor: str | None
     core_source: str  # which file gave the sibling sets ("core_cpus_list", ... "cpuinfo")
+    quota: CpuQuota | None = None  # a cgroup CPU quota (cpu.max, cfs_quota_us); None: none
 
     def usable_cores(self) -> list[tuple[int, ...]]:
         """Each core's usable threads, for cores with at least one, by lowest usable CPU."""
@@ -200,21 +197,35 @@ def _fallback_groups(
     package_of: dict[int, tuple[int, ...]],
     physical_ids: dict[int, int | None],
 ) -> str:
-    """Cores and packages for CPUs without topology files, from /proc/cpuinfo's
-    (`physical id`, `core id`); a CPU it does not describe is its own core in package 0.
-    Returns the source name: "cpuinfo", or "none" when it described nothing."""
+    """Cores and packages for CPUs without sibling files. Packages: the package sibling
+    files if those remain, else `physical_package_id`, else /proc/cpuinfo's `physical id`.
+    Cores: (package, `die_id`, `core_id`) from sysfs, else cpuinfo's (`physical id`,
+    `core id`); a CPU nothing describes is its own core. (Grouping every such CPU into one
+    package would contradict `physical_package_id`.) Returns the source name:
+    "physical_package_id", "cpuinfo", or "none" when nothing described them."""
     info = _cpuinfo_topology(r)
     core_groups: dict[object, list[int]] = {}
     package_groups: dict[object, list[int]] = {}
+    source = "none"
     for c in cpus:
         phys, core = info.get(c, (None, None))
+        sys_pkg, sys_core = package_id(r, c), core_id(r, c)
+        siblings = package_siblings(r, c)
+        if sys_pkg is not None or sys_core is not None:
+            phys, core, source = sys_pkg, sys_core, "physical_package_id"
+        elif c in info:
+            source = "cpuinfo" if source == "none" else source
         physical_ids[c] = phys
-        core_groups.setdefault((phys, core) if core is not None else ("cpu", c), []).append(c)
-        package_groups.setdefault(phys, []).append(c)
+        pkg_key = siblings[0] if siblings else ("id", phys)
+        die = r.read_int(f"{CPU}/cpu{c}/topology/die_id")
+        core_groups.setdefault((pkg_key, die, core) if core is not None else ("cpu", c), []).append(
+            c
+        )
+        package_groups.setdefault(pkg_key, []).append(c)
     for groups, into in ((core_groups, core_of), (package_groups, package_of)):
         for members in groups.values():
             into.update(dict.fromkeys(members, tuple(members)))
-    return "cpuinfo" if info else "none"
+    return source
 
 
 def _cpuinfo_topology(r: Root) -> dict[int, tuple[int | None, int | None]]:
@@ -249,74 +260,8 @@ def affinity(root: Root | str = "/") -> tuple[int, ...] | None:
 
 
 def cgroup_cpuset(root: Root | str = "/") -> Cpuset | None:
-    """The cpuset of this process's cgroup: v2 first, then the v1 cpuset hierarchy.
-
-    The cgroup path comes from `/proc/self/cgroup` under the root, made relative to the
-    mount's own root (inside a container that is not `/`), then we walk up to the nearest
-    ancestor that has the file: in v2 a cgroup without the cpuset controller enabled has no
-    `cpuset.cpus.effective` and follows its parent.
-    """
-    r = as_root(root)
-    paths = _cgroup_paths(r)
-    found = mounts(r)
-    if "" in paths:
-        for m in found:
-            if m.fstype == "cgroup2":
-                hit = _walk_up(r, m.mountpoint, _relative(paths[""], m.root), _V2_FILES)
-                if hit:
-                    return Cpuset(hit[0], hit[1], 2)
-        if not found:  # a tree recorded without mount tables: the usual v2 mount point
-            hit = _walk_up(r, "/sys/fs/cgroup", paths[""], _V2_FILES)
-            if hit:
-                return Cpuset(hit[0], hit[1], 2)
-    if "cpuset" in paths:
-        for m in found:
-            if m.fstype == "cgroup" and "cpuset" in m.options:
-                hit = _walk_up(r, m.mountpoint, _relative(paths["cpuset"], m.root), _V1_FILES)
-                if hit:
-                    return Cpuset(hit[0], hit[1], 1)
-    return None
-
-
-# v1 hierarchies mounted with `noprefix` (old Android, some HPC setups) drop "cpuset.".
-_V2_FILES = ("cpuset.cpus.effective",)
-_V1_FILES = ("cpuset.effective_cpus", "cpuset.cpus", "effective_cpus", "cpus")
-
-
-def _cgroup_paths(r: Root) -> dict[str, str]:
-    """Controller -> cgroup path from `/proc/self/cgroup`; the v2 entry is under ""."""
-    out: dict[str, str] = {}
-    for line in r.lines("proc/self/cgroup"):
-        parts = line.rstrip("\n").split(":", 2)
-        if len(parts) != 3:
-            continue
-        if parts[0] == "0" and parts[1] == "":
-            out[""] = parts[2]
-        for controller in parts[1].split(","):
-            if controller:
-                out[controller] = parts[2]
-    return out
-
-
-def _relative(path: str, mount_root: str) -> str:
-    if mount_root != "/" and (path == mount_root or path.startswith(mount_root + "/")):
-        return path[len(mount_root) :] or "/"
-    return path
-
-
-def _walk_up(
-    r: Root, mountpoint: str, path: str, names: tuple[str, ...]
-) -> tuple[tuple[int, ...], str] | None:
-    parts = [p for p in path.split("/") if p and p not in (".", "..")]
-    while True:
-        here = "/".join([mountpoint.rstrip("/"), *parts])
-        for name in names:
-            cpus = r.read_cpulist(f"{here}/{name}")
-            if cpus:  # an empty effective set means "not configured here", as the kernel does
-                return tuple(cpus), f"{here}/{name}"
-        if not parts:
-            return None
-        parts.pop()
+    """The cpuset of this process's cgroup (CPUs and memory nodes); see cgroup.py."""
+    return _cgroup_cpuset(as_root(root))
 
 
 def usable_cpus(root: Root | str = "/", online: tuple[int, ...] | None = None) -> tuple[int, ...]:
@@ -425,4 +370,5 @@ def probe_cpus(root: Root | str = "/") -> CpuTopology:
         model_name=model,
         vendor=vendor,
         core_source=source,
+        quota=cpu_quota(r),
     )

@@ -183,7 +183,13 @@ def as_root(root: Root | str | os.PathLike[str] | None) -> Root:
 
 
 def parse_cpulist(text: str) -> list[int]:
-    """`"0-3,8,10-11"` -> [0, 1, 2, 3, 8, 10, 11]. Empty text is the empty list."""
+    """`"0-3,8,10-11"` -> [0, 1, 2, 3, 8, 10, 11]. Empty text is the empty list.
+
+    The kernel's list syntax (lib/bitmap.c, `bitmap_parselist`) also has grouped ranges,
+    `A-B:U/G`: from A to B, in each group of G CPUs the first U, so `0-15:2/8` is 0, 1, 8,
+    9. The kernel accepts them where lists are written (`isolcpus=`, `cpuset.cpus`) and
+    never prints them (sysfs shows plain ranges), but a hand-written tree may hold one.
+    """
     out: set[int] = set()
     for part in text.strip().strip("\x00").split(","):
         part = part.strip()
@@ -191,8 +197,13 @@ def parse_cpulist(text: str) -> list[int]:
             continue
         if "-" in part:
             lo, _, hi = part.partition("-")
-            hi, _, stride = hi.partition(":")  # "0-7:2" (stride) appears in some kernels' lists
-            out.update(range(int(lo), int(hi) + 1, int(stride) if stride else 1))
+            hi, _, groups = hi.partition(":")
+            if groups:  # "0-1023:2/256": in each group of 256 from 0, the first 2 (see above)
+                used, _, size = groups.partition("/")
+                for start in range(int(lo), int(hi) + 1, int(size)):
+                    out.update(range(start, min(start + int(used), int(hi) + 1)))
+            else:
+                out.update(range(int(lo), int(hi) + 1))
         else:
             out.add(int(part))
     return sorted(out)

@@ -49,12 +49,17 @@ def detect_pool(
     cpu, numa = _probe_cpu_numa(r)
     report = gpu_report if gpu_report is not None else _probe_gpus(r)
     cpus = _cpu_instances(cpu, numa, hyperthreads)
-    gpus, said = gpu_instances(report, slots_per_gpu, mig)
+    if cpu.quota is not None:  # a CPU-time limit: only as many cpus as it pays for
+        cpus = cpus[: cpu.quota.limit]
+    gpus, said = gpu_instances(report, slots_per_gpu, mig, numa)
     if notes is not None:
         notes.extend(said)
     # The host name is the node id: the flat form writes it as `additional_properties.host`
     # (a key it reserves for the node id), the node form as the node's `id`.
-    props = {"agent_version": __version__, "numa": _numa_summary(cpu, numa, gpus)}
+    props: dict[str, Any] = {"agent_version": __version__}
+    props["numa"] = _numa_summary(cpu, numa, gpus)
+    if cpu.quota is not None:
+        props["cpu_quota"] = round(cpu.quota.cpus, 3)
     return Pool.single(
         {"cpus": cpus, "gpus": gpus}, node_id=hostname(r), additional_properties=props
     )
@@ -67,8 +72,11 @@ def topology_report(
 
     Counts of the online machine: packages, numa_nodes, cores, pus, offline_pus,
     pus_per_numa (node-id order); of what this process may use: allowed_pus,
-    allowed_cores, allowed_cpulist, allowed_nodelist (nodes holding a usable CPU); gpus;
-    mig_minors (each MIG device's capability-file minors, for Slurm's gres.conf).
+    allowed_cores, allowed_cpulist, allowed_nodelist (nodes whose memory it may use:
+    `cpuset.mems`, memory-only nodes included, as hwloc's allowed nodeset),
+    allowed_cpu_nodelist (nodes holding a usable CPU), cpu_quota (the cgroup CPU quota
+    and the whole CPUs it leaves the pool, or None); gpus; mig_minors (each MIG device's
+    capability-file minors, for Slurm's gres.conf).
     """
     from .probes.record import plain
     from .probes.sysfs import format_cpulist
@@ -89,7 +97,9 @@ def topology_report(
         "allowed_pus": len(cpu.usable),
         "allowed_cores": len(cpu.usable_cores()),
         "allowed_cpulist": format_cpulist(cpu.usable),
-        "allowed_nodelist": format_cpulist([n.id for n in numa.nodes if usable & set(n.cpus)]),
+        "allowed_nodelist": format_cpulist(_mem_nodes(cpu, numa)),
+        "allowed_cpu_nodelist": format_cpulist([n.id for n in numa.nodes if usable & set(n.cpus)]),
+        "cpu_quota": _quota(cpu),
         "gpus": len(report.gpus),
         "cpu": plain(cpu),
         "numa": plain(numa),
@@ -109,6 +119,26 @@ def hostname(root: Root) -> str:
 
 
 # --- building blocks ------------------------------------------------------------------------
+
+
+def _mem_nodes(cpu: CpuTopology, numa: NumaTopology) -> list[int]:
+    """Nodes whose memory this process may use: the cpuset's mems (all when none says)."""
+    mems = cpu.cpuset.mems if cpu.cpuset is not None else None
+    return [n.id for n in numa.nodes if mems is None or n.id in mems]
+
+
+def _quota(cpu: CpuTopology) -> dict[str, Any] | None:
+    q = cpu.quota
+    if q is None:
+        return None
+    return {
+        "quota_us": q.quota_us,
+        "period_us": q.period_us,
+        "cpus": q.cpus,
+        "pool_cpus": q.limit,
+        "file": q.file,
+        "version": q.version,
+    }
 
 
 def _root(root: str | os.PathLike[str] | Root) -> Root:
@@ -164,7 +194,9 @@ def _cpu_instances(cpu: CpuTopology, numa: NumaTopology, hyperthreads: bool) -> 
     return out
 
 
-def gpu_instances(report: GpuReport, slots: int, mig: bool) -> tuple[list[Instance], list[str]]:
+def gpu_instances(
+    report: GpuReport, slots: int, mig: bool, numa: NumaTopology | None = None
+) -> tuple[list[Instance], list[str]]:
     """The pool's `gpus`, and a line for each GPU left out.
 
     A GPU in MIG mode cannot be used whole by CUDA, so it is offered as its MIG devices
@@ -175,8 +207,9 @@ def gpu_instances(report: GpuReport, slots: int, mig: bool) -> tuple[list[Instan
     out: list[Instance] = []
     notes: list[str] = []
     for gpu in report.gpus:
+        base = _base(gpu, numa)
         if not gpu.mig_enabled:
-            out.append(_whole_gpu(gpu, slots))
+            out.append(_whole_gpu(gpu, slots, base))
         elif not mig:
             notes.append(f"GPU {gpu.index} is in MIG mode: left out (--no-mig)")
         elif not gpu.mig_devices:
@@ -185,15 +218,42 @@ def gpu_instances(report: GpuReport, slots: int, mig: bool) -> tuple[list[Instan
                 f"devices, or turn MIG off: nvidia-smi -i {gpu.index} -mig 0)"
             )
         else:
-            out += [_mig_device(gpu, m, slots) for m in gpu.mig_devices]
+            out += [_mig_device(gpu, m, slots, base) for m in gpu.mig_devices]
     return out, notes
 
 
-def _base(gpu: Gpu) -> dict[str, Any]:
-    return {"numa_node": gpu.numa_node, "vendor": "NVIDIA"}  # canary_nvidia reads vendor
+def _base(gpu: Gpu, numa: NumaTopology | None) -> dict[str, Any]:
+    """What a GPU and each of its MIG devices share: vendor (canary_nvidia reads it) and
+    `numa_node`, the CPU node the allocator packs it with. On Grace Hopper NVML's node is
+    the GPU's own memory, a node without CPUs; then `numa_node` is the nearest CPU node
+    and `memory_numa_node` the GPU's."""
+    base: dict[str, Any] = {"numa_node": gpu.numa_node, "vendor": "NVIDIA"}
+    near = _cpu_node(gpu, numa) if numa is not None else gpu.numa_node
+    if near != gpu.numa_node:
+        base.update(numa_node=near, memory_numa_node=gpu.numa_node)
+    return base
 
 
-def _mig_device(gpu: Gpu, m: MigDevice, slots: int) -> Instance:
+def _cpu_node(gpu: Gpu, numa: NumaTopology) -> int | None:
+    """The CPU node nearest the GPU: its own when it has CPUs; else the node holding most
+    of the GPU's CPU affinity; else the node at the smallest NUMA distance (lowest id on a
+    tie); else unknown."""
+    node = gpu.numa_node
+    by_id = {n.id: n for n in numa.nodes}
+    if node is None or node not in by_id or by_id[node].cpus:
+        return node
+    with_cpus = [n for n in numa.nodes if n.cpus]
+    if gpu.cpu_affinity:
+        near = set(gpu.cpu_affinity)
+        counts = [(len(near.intersection(n.cpus)), -n.id) for n in with_cpus]
+        best = max(counts, default=(0, 0))
+        if best[0] > 0:
+            return -best[1]
+    dist = [(d, n.id) for n in with_cpus if (d := numa.distance(node, n.id)) is not None]
+    return min(dist)[1] if dist else None
+
+
+def _mig_device(gpu: Gpu, m: MigDevice, slots: int, base: dict[str, Any]) -> Instance:
     props = _present(
         uuid=m.uuid or None,
         parent_index=gpu.index,
@@ -202,12 +262,12 @@ def _mig_device(gpu: Gpu, m: MigDevice, slots: int) -> Instance:
         name=m.name,
         gpu_instance_id=m.gpu_instance_id,
         compute_instance_id=m.compute_instance_id,
-        **_base(gpu),
+        **base,
     )
     return Instance(f"{gpu.index}_{m.index}", slots, props)
 
 
-def _whole_gpu(gpu: Gpu, slots: int) -> Instance:
+def _whole_gpu(gpu: Gpu, slots: int, base: dict[str, Any]) -> Instance:
     props = _present(
         index=gpu.index,
         uuid=gpu.uuid or None,
@@ -216,7 +276,7 @@ def _whole_gpu(gpu: Gpu, slots: int) -> Instance:
         pci_bus_id=gpu.pci_bus_id,
         minor_number=gpu.minor_number,
         compute_capability=gpu.compute_capability,
-        **_base(gpu),
+        **base,
     )
     return Instance(str(gpu.index), slots, props)
 

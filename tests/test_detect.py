@@ -47,6 +47,10 @@ CORE_POOLS: dict[str, tuple[list[str], list[list[int]], list[int]]] = {
         [[i, i + 8] for i in range(8)],
         [0] * 4 + [1] * 4,
     ),
+    # /proc/self/cpuset names /batch/job7 on /dev/cpuset (cpus 2-5)
+    "cpuset_legacy": (["2", "3", "4", "5"], [[2], [3], [4], [5]], [0, 0, 1, 1]),
+    # the cgroup's folder is out of sight: /proc/self/status says 1-2,5-6
+    "cgroupns": (["1", "2"], [[1, 5], [2, 6]], [0, 0]),
 }
 
 # tree -> the counts of its topology report
@@ -65,7 +69,8 @@ COUNTS: dict[str, dict[str, Any]] = {
     ),
     "memory_only_node": dict(
         packages=1, numa_nodes=3, cores=8, pus=8, offline_pus=0, pus_per_numa=[4, 4, 0],
-        allowed_pus=8, allowed_cores=8, allowed_cpulist="0-7", allowed_nodelist="0-1",
+        allowed_pus=8, allowed_cores=8, allowed_cpulist="0-7", allowed_nodelist="0,4",
+        allowed_cpu_nodelist="0-1",  # memory from 0 and the CXL node 4; CPUs on 0 and 1
     ),
     "no_node_dir": dict(
         packages=1, numa_nodes=1, cores=2, pus=4, offline_pus=0, pus_per_numa=[4],
@@ -78,6 +83,15 @@ COUNTS: dict[str, dict[str, Any]] = {
     "core_id_repeat": dict(
         packages=2, numa_nodes=2, cores=8, pus=16, offline_pus=0, pus_per_numa=[8, 8],
         allowed_pus=16, allowed_cores=8, allowed_cpulist="0-15", allowed_nodelist="0-1",
+    ),
+    "cpuset_legacy": dict(
+        packages=2, numa_nodes=2, cores=8, pus=8, offline_pus=0, pus_per_numa=[4, 4],
+        allowed_pus=4, allowed_cores=4, allowed_cpulist="2-5", allowed_nodelist="1",
+        allowed_cpu_nodelist="0-1",
+    ),
+    "cgroupns": dict(
+        packages=1, numa_nodes=1, cores=4, pus=8, offline_pus=0, pus_per_numa=[8],
+        allowed_pus=4, allowed_cores=2, allowed_cpulist="1-2,5-6", allowed_nodelist="0",
     ),
 }  # fmt: skip
 

@@ -16,6 +16,12 @@ Each tree mirrors a real kind of machine, with only the files the probes read. S
   32-bit words), per-CPU `online` flags (cpu7 off), node cpumap only, /proc/mounts only.
 - core_id_repeat: 2 packages x 2 dies x 2 cores x 2 threads; core_id is 0/1 in every die
   and physical_package_id is -1 (as on POWER and s390).
+- cpuset_legacy: an old kernel's cpuset file system on /dev/cpuset, named only by
+  /proc/self/cpuset; no sibling files (physical_package_id says 2 packages).
+- cgroupns: a container in a cgroup namespace whose /sys/fs/cgroup is the host's
+  hierarchy (mountinfo root `/../..`); /proc/self/status says what it may use.
+Every tree with `*_list` files also has the hex masks (real kernels write both; hwloc
+reads only the masks), and the cpuset files say `mems` too.
 """
 
 from __future__ import annotations
@@ -82,8 +88,10 @@ class Tree:
         core_id: Callable[[int], int] | None = None,
         die_of: Callable[[int], int] | None = None,
         old_names_only: bool = False,
+        siblings_files: bool = True,
     ) -> None:
-        """`cores`: each core's threads (core index k); `package_of(k)` its package."""
+        """`cores`: each core's threads (core index k); `package_of(k)` its package.
+        `siblings_files=False`: no thread_siblings/core_cpus files at all."""
         every = sorted(c for core in cores for c in core)
         on = set(every if online is None else online)
         if lists:
@@ -104,16 +112,21 @@ class Tree:
                 topo = f"{CPU}/cpu{cpu}/topology"
                 sib = [c for c in threads if c in on]
                 pkg = [c for c in package if c in on]
+                # Every kernel writes the hex masks (hwloc reads only these); 2.6.2x+ adds the
+                # lists; Linux 5.3+ writes core_cpus*/package_cpus* too, kernel 4.x does not
+                if siblings_files:
+                    self.write(f"{topo}/thread_siblings", cpumask(sib))
+                    if lists:
+                        self.write(f"{topo}/thread_siblings_list", cpulist(sib))
+                self.write(f"{topo}/core_siblings", cpumask(pkg))
                 if lists:
-                    # Linux 5.3+ writes core_cpus*/package_cpus* too; kernel 4.x only these
-                    self.write(f"{topo}/thread_siblings_list", cpulist(sib))
                     self.write(f"{topo}/core_siblings_list", cpulist(pkg))
                     if not old_names_only:
-                        self.write(f"{topo}/core_cpus_list", cpulist(sib))
+                        self.write(f"{topo}/package_cpus", cpumask(pkg))
                         self.write(f"{topo}/package_cpus_list", cpulist(pkg))
-                else:
-                    self.write(f"{topo}/thread_siblings", cpumask(sib))
-                    self.write(f"{topo}/core_siblings", cpumask(pkg))
+                        if siblings_files:
+                            self.write(f"{topo}/core_cpus", cpumask(sib))
+                            self.write(f"{topo}/core_cpus_list", cpulist(sib))
                 if die_of:
                     self.write(f"{topo}/die_id", str(die_of(k) % 2))
                     self.write(f"{topo}/die_cpus_list", cpulist([c for c in die if c in on]))
@@ -167,11 +180,12 @@ class Tree:
         if mounts is not None:
             self.write(mounts_at, mounts)
 
-    def cgroup_v2_root(self, effective: str) -> None:
+    def cgroup_v2_root(self, effective: str, mems: str = "0") -> None:
         """The process in the root cgroup of a pure v2 hierarchy at /sys/fs/cgroup."""
         self.write("proc/self/cgroup", "0::/")
         self.write("proc/self/mountinfo", V2_MOUNTINFO)
         self.write("sys/fs/cgroup/cpuset.cpus.effective", effective)
+        self.write("sys/fs/cgroup/cpuset.mems.effective", mems)
 
 
 def x86_cpuinfo(
@@ -213,7 +227,7 @@ def two_socket_ht() -> None:
         x86_cpuinfo(cores, lambda k: k // 4, "Intel(R) Xeon(R) Platinum 8480+"),
         256 * GIB_KIB,
     )
-    t.cgroup_v2_root("0-15")
+    t.cgroup_v2_root("0-15", "0-3")
 
 
 def offline_cpus() -> None:
@@ -236,6 +250,7 @@ def offline_cpus() -> None:
     t.write("sys/fs/cgroup/unified/user.slice/cgroup.controllers", "")
     t.write("sys/fs/cgroup/cpuset/cpuset.cpus", "0-7")
     t.write("sys/fs/cgroup/cpuset/cpuset.effective_cpus", cpulist(online))
+    t.write("sys/fs/cgroup/cpuset/cpuset.mems", "0")
 
 
 def cgroup_v2_cpuset() -> None:
@@ -253,6 +268,8 @@ def cgroup_v2_cpuset() -> None:
         mountinfo=V2_MOUNTINFO,
     )
     cg = "sys/fs/cgroup"
+    for where in ("", "/ci.slice", "/ci.slice/runner.service"):
+        t.write(f"{cg}{where}/cpuset.mems.effective", "0")
     t.write(f"{cg}/cpuset.cpus.effective", "0-15")
     t.write(f"{cg}/ci.slice/cpuset.cpus.effective", "0-15")
     t.write(f"{cg}/ci.slice/runner.service/cpuset.cpus", "2-6,10-13")
@@ -273,7 +290,11 @@ def memory_only_node() -> None:
         "".join(ARM_CPUINFO.format(n=n) for n in range(8)),
         192 * GIB_KIB,
     )
-    t.cgroup_v2_root("0-7")
+    # In hbm.slice: every CPU, but memory from node 0 and the CXL node 4 only (not 1)
+    t.cgroup_v2_root("0-7", "0-1,4")
+    t.write("proc/self/cgroup", "0::/hbm.slice")
+    t.write("sys/fs/cgroup/hbm.slice/cpuset.cpus.effective", "0-7")
+    t.write("sys/fs/cgroup/hbm.slice/cpuset.mems.effective", "0,4")
 
 
 def no_node_dir() -> None:
@@ -308,6 +329,8 @@ def old_kernel_hex() -> None:
     )
     t.write("sys/fs/cgroup/cpuset/cpuset.cpus", "0-7")
     t.write("sys/fs/cgroup/cpuset/batch/cpuset.cpus", "0-7")
+    t.write("sys/fs/cgroup/cpuset/cpuset.mems", "0-1")
+    t.write("sys/fs/cgroup/cpuset/batch/cpuset.mems", "0-1")
 
 
 def core_id_repeat() -> None:
@@ -330,7 +353,65 @@ def core_id_repeat() -> None:
         x86_cpuinfo(cores, lambda k: k // 4, "Intel(R) Xeon(R) CPU Max 9480"),
         128 * GIB_KIB,
     )
-    t.cgroup_v2_root("0-15")
+    t.cgroup_v2_root("0-15", "0-1")
+
+
+def cpuset_legacy() -> None:
+    """An old kernel's cpuset file system on /dev/cpuset, named only by /proc/self/cpuset
+    (/proc/self/cgroup has no cpuset line); no thread_siblings files, so only
+    physical_package_id and core_id say which CPUs share a package."""
+    t = Tree("cpuset_legacy")
+    cores = [[k] for k in range(8)]
+    t.cpus(cores, lambda k: k // 4, siblings_files=False)
+    for cpu in range(8):  # a kernel this old had no package lists either
+        for name in ("core_siblings", "core_siblings_list", "package_cpus", "package_cpus_list"):
+            (t.base / f"{CPU}/cpu{cpu}/topology/{name}").unlink(missing_ok=True)
+    t.nodes({0: [0, 1, 2, 3], 1: [4, 5, 6, 7]}, {0: 8 * GIB_KIB, 1: 8 * GIB_KIB},
+            lambda a, b: 10 if a == b else 20)  # fmt: skip
+    t.proc(
+        "legacy",
+        "".join(ARM_CPUINFO.format(n=n) for n in range(8)),  # no physical id lines
+        16 * GIB_KIB,
+        cgroup="1:name=systemd:/user.slice/session-3.scope\n",
+        mounts="none /dev/cpuset cpuset rw,relatime 0 0\n",
+        mounts_at="proc/mounts",
+    )
+    t.write("proc/self/cpuset", "/batch/job7")
+    t.write("dev/cpuset/cpus", "0-7")
+    t.write("dev/cpuset/mems", "0-1")
+    t.write("dev/cpuset/batch/cpus", "2-7")
+    t.write("dev/cpuset/batch/mems", "0-1")
+    t.write("dev/cpuset/batch/job7/cpus", "2-5")
+    t.write("dev/cpuset/batch/job7/mems", "1")
+
+
+def cgroupns() -> None:
+    """A container in its own cgroup namespace, whose /sys/fs/cgroup is the host's
+    hierarchy mounted from outside it: mountinfo says its root is `/../..`, above the
+    namespace's root, and /proc/self/cgroup says `0::/`. The folder of the container's
+    cgroup cannot be named from there; /proc/self/status still says what the kernel
+    allows this process."""
+    t = Tree("cgroupns")
+    cores = [[k, k + 4] for k in range(4)]
+    t.cpus(cores, lambda k: 0)
+    t.nodes({0: list(range(8))}, {0: 32 * GIB_KIB}, lambda a, b: 10)
+    t.proc(
+        "pod-7f3a",
+        x86_cpuinfo(cores, lambda k: 0, "Intel(R) Xeon(R) Gold 6338 CPU @ 2.00GHz"),
+        32 * GIB_KIB,
+        cgroup="0::/\n",
+        mountinfo=V2_MOUNTINFO.replace(" / /sys/fs/cgroup ", " /../.. /sys/fs/cgroup "),
+    )
+    cg = "sys/fs/cgroup"
+    t.write(f"{cg}/cpuset.cpus.effective", "0-5")  # the host's root: 6-7 isolated
+    t.write(f"{cg}/cpuset.mems.effective", "0")
+    t.write(f"{cg}/kubepods.slice/pod-7f3a/cpuset.cpus.effective", "1-2,5-6")
+    t.write(f"{cg}/kubepods.slice/pod-7f3a/cpuset.mems.effective", "0")
+    t.write(
+        "proc/self/status",
+        "Name:\tcat\nCpus_allowed:\t66\nCpus_allowed_list:\t1-2,5-6\n"
+        "Mems_allowed:\t00000001\nMems_allowed_list:\t0\n",
+    )
 
 
 MACHINES = [
@@ -341,6 +422,8 @@ MACHINES = [
     no_node_dir,
     old_kernel_hex,
     core_id_repeat,
+    cpuset_legacy,
+    cgroupns,
 ]
 
 if __name__ == "__main__":
