@@ -116,8 +116,13 @@ def test_legacy_cpuset_fs_named_by_proc_self_cpuset(trees: Path) -> None:
     assert t.usable == (2, 3, 4, 5) and t.cpuset.mems == (1,)
 
 
-def test_missing_sibling_files_keep_physical_packages(trees: Path) -> None:
-    t = cpu.probe_cpus(trees / "cpuset_legacy")
+def test_missing_sibling_files_keep_physical_packages(trees: Path, tmp_path: Path) -> None:
+    """A tree recorded with only some topology files (arm64: cpuinfo has no physical id
+    either): every CPU once landed in one package although physical_package_id says 2."""
+    root = copy(trees, "cpuset_legacy", tmp_path)
+    for f in root.glob("sys/devices/system/cpu/cpu*/topology/*sibling*"):
+        f.unlink()
+    t = cpu.probe_cpus(root)
     assert [p.cpus for p in t.packages] == [(0, 1, 2, 3), (4, 5, 6, 7)]
     assert [p.physical_id for p in t.packages] == [0, 1]
     assert len(t.cores) == 8 and t.core_source == "physical_package_id"

@@ -17,7 +17,7 @@ Each tree mirrors a real kind of machine, with only the files the probes read. S
 - core_id_repeat: 2 packages x 2 dies x 2 cores x 2 threads; core_id is 0/1 in every die
   and physical_package_id is -1 (as on POWER and s390).
 - cpuset_legacy: an old kernel's cpuset file system on /dev/cpuset, named only by
-  /proc/self/cpuset; no sibling files (physical_package_id says 2 packages).
+  /proc/self/cpuset; arm64 cpuinfo (no physical id), 2 packages of 4.
 - cgroupns: a container in a cgroup namespace whose /sys/fs/cgroup is the host's
   hierarchy (mountinfo root `/../..`); /proc/self/status says what it may use.
 Every tree with `*_list` files also has the hex masks (real kernels write both; hwloc
@@ -88,10 +88,8 @@ class Tree:
         core_id: Callable[[int], int] | None = None,
         die_of: Callable[[int], int] | None = None,
         old_names_only: bool = False,
-        siblings_files: bool = True,
     ) -> None:
-        """`cores`: each core's threads (core index k); `package_of(k)` its package.
-        `siblings_files=False`: no thread_siblings/core_cpus files at all."""
+        """`cores`: each core's threads (core index k); `package_of(k)` its package."""
         every = sorted(c for core in cores for c in core)
         on = set(every if online is None else online)
         if lists:
@@ -114,19 +112,17 @@ class Tree:
                 pkg = [c for c in package if c in on]
                 # Every kernel writes the hex masks (hwloc reads only these); 2.6.2x+ adds the
                 # lists; Linux 5.3+ writes core_cpus*/package_cpus* too, kernel 4.x does not
-                if siblings_files:
-                    self.write(f"{topo}/thread_siblings", cpumask(sib))
-                    if lists:
-                        self.write(f"{topo}/thread_siblings_list", cpulist(sib))
+                self.write(f"{topo}/thread_siblings", cpumask(sib))
+                if lists:
+                    self.write(f"{topo}/thread_siblings_list", cpulist(sib))
                 self.write(f"{topo}/core_siblings", cpumask(pkg))
                 if lists:
                     self.write(f"{topo}/core_siblings_list", cpulist(pkg))
                     if not old_names_only:
                         self.write(f"{topo}/package_cpus", cpumask(pkg))
                         self.write(f"{topo}/package_cpus_list", cpulist(pkg))
-                        if siblings_files:
-                            self.write(f"{topo}/core_cpus", cpumask(sib))
-                            self.write(f"{topo}/core_cpus_list", cpulist(sib))
+                        self.write(f"{topo}/core_cpus", cpumask(sib))
+                        self.write(f"{topo}/core_cpus_list", cpulist(sib))
                 if die_of:
                     self.write(f"{topo}/die_id", str(die_of(k) % 2))
                     self.write(f"{topo}/die_cpus_list", cpulist([c for c in die if c in on]))
@@ -358,14 +354,10 @@ def core_id_repeat() -> None:
 
 def cpuset_legacy() -> None:
     """An old kernel's cpuset file system on /dev/cpuset, named only by /proc/self/cpuset
-    (/proc/self/cgroup has no cpuset line); no thread_siblings files, so only
-    physical_package_id and core_id say which CPUs share a package."""
+    (/proc/self/cgroup has no cpuset line)."""
     t = Tree("cpuset_legacy")
     cores = [[k] for k in range(8)]
-    t.cpus(cores, lambda k: k // 4, siblings_files=False)
-    for cpu in range(8):  # a kernel this old had no package lists either
-        for name in ("core_siblings", "core_siblings_list", "package_cpus", "package_cpus_list"):
-            (t.base / f"{CPU}/cpu{cpu}/topology/{name}").unlink(missing_ok=True)
+    t.cpus(cores, lambda k: k // 4, old_names_only=True)
     t.nodes({0: [0, 1, 2, 3], 1: [4, 5, 6, 7]}, {0: 8 * GIB_KIB, 1: 8 * GIB_KIB},
             lambda a, b: 10 if a == b else 20)  # fmt: skip
     t.proc(
