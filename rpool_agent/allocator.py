@@ -15,10 +15,11 @@ What a grant needs that free slots do not change is a `tables.Shape`, kept per r
 value until the pool changes; each waiter holds its own. A grant is then best fit on
 per-node totals and free-slot buckets plus a commit.
 
-Queue: first come, first served with safe backfill. The walk over waiters keeps a set of
-blocked types (types of earlier waiters still waiting); a waiter touching a blocked type
-is skipped and its types join the set, so nothing later ever takes what an earlier
-waiter needs, and the head of the queue is granted as soon as its types are free.
+Queue: first come, first served with safe backfill. A waiter is offered the free slots
+only when no earlier waiter still waiting needs any of its types, so nothing later ever
+takes what an earlier waiter needs, and the head of the queue is granted as soon as its
+types are free. `waiters.WaitQueue` keeps a line per type so that a release looks only at
+the waiters whose turn it is, not at every waiter.
 """
 
 from __future__ import annotations
@@ -516,41 +517,23 @@ class Allocator:
     # --- internals: the queue ------------------------------------------------------------
 
     def _retry(self, now: float | None) -> list[Event]:
-        """Walk the queue in order and grant what may be granted (safe backfill)."""
+        """Grant what the queue rules allow, first come first served (`WaitQueue.walk`)."""
         if not self._queue:
             return []
         if now is not None:
             self._now = now
         events: list[Event] = []
-        granted: list[Waiter] = []
-        blocked: set[str] = set()
-        waiting = dict(self._queue.types)  # type -> waiters not granted (yet) in this walk
-        open_types = len(waiting)  # types still waited for and not blocked: 0 ends the walk
-        for w in self._queue:
-            types = w.types
-            if blocked.isdisjoint(types):
-                shape = w.shape
-                positions = place_plan(shape.plan, shape.n, shape.free, shape.distinct)
-                if positions is not None:
-                    lease = self._commit(w.owner, shape, positions, self._now, w.label, w.holder)
-                    events.append(Granted(w.owner, w.req_id, lease))
-                    granted.append(w)
-                    for t in types:
-                        waiting[t] -= 1
-                        if not waiting[t]:
-                            open_types -= 1
-                    if not open_types:
-                        break
-                    continue
-            elif types <= blocked:  # skipped, and nothing new is blocked
-                continue
-            new = types - blocked  # each is waited for (by w at least) and now blocked
-            blocked |= new
-            open_types -= len(new)
-            if not open_types:
-                break
-        for w in granted:
-            self._queue.drop(w)
+
+        def serve(w: Waiter) -> bool:
+            shape = w.shape
+            positions = place_plan(shape.plan, shape.n, shape.free, shape.distinct)
+            if positions is None:
+                return False
+            lease = self._commit(w.owner, shape, positions, self._now, w.label, w.holder)
+            events.append(Granted(w.owner, w.req_id, lease))
+            return True
+
+        self._queue.walk(serve)
         return events
 
     # --- internals: instances -------------------------------------------------------------

@@ -1,15 +1,20 @@
-"""The allocator's queue of waiting requests: order, lookups, deadlines.
+"""The allocator's queue of waiting requests: order, lookups, deadlines, whose turn it is.
 
-Bookkeeping only: which requests wait, in arrival order, found by (owner, request id) or
-by owner, which types they wait for, and whose deadline comes next. Which waiter is
-granted is the allocator's decision (`Allocator._retry`).
+First come, first served with safe backfill (docs/allocation.md): a waiter may be served
+only when no earlier waiter still waiting needs any of its types. So a waiter's turn
+comes when it is first in line for every type it needs, and the queue keeps one line
+per type. A walk (`walk`) offers only those waiters, in arrival order, and when one is
+served looks only at who is next in its types' lines: its cost grows with the waiters
+served and the number of types, not with the waiters that cannot be served. Whether an
+offered waiter is served is the allocator's decision.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +46,9 @@ class WaitQueue:
         self._by_key: dict[tuple[OwnerKey, Any], int] = {}
         self._by_owner: dict[OwnerKey, dict[int, None]] = {}
         self.types: dict[str, int] = {}  # type -> how many waiters need it
+        # type -> seqs of the waiters that need it, arrival order; entries of waiters that
+        # left are dropped when they reach the front (or all at once if they pile up)
+        self._lines: dict[str, deque[int]] = {}
         self._deadlines: list[tuple[float, int]] = []  # heap; stale entries skipped lazily
         self._seq = 0
 
@@ -87,6 +95,10 @@ class WaitQueue:
         self._by_owner.setdefault(owner, {})[w.seq] = None
         for t in w.types:
             self.types[t] = self.types.get(t, 0) + 1
+            line = self._lines.get(t)
+            if line is None:
+                line = self._lines[t] = deque()
+            line.append(w.seq)
         if deadline is not None:
             heapq.heappush(self._deadlines, (deadline, w.seq))
         return w
@@ -100,14 +112,53 @@ class WaitQueue:
             del self._by_owner[w.owner]
         for t in w.types:
             n = self.types[t] - 1
-            if n:
-                self.types[t] = n
-            else:
-                del self.types[t]
+            line = self._lines[t]
+            if not n:
+                del self.types[t], self._lines[t]
+                continue
+            self.types[t] = n
+            if line[0] == w.seq:
+                line.popleft()
+            elif len(line) > 2 * n + 64:
+                self._lines[t] = deque(s for s in line if s in self._queue)
         # stale deadline entries are skipped lazily; rebuild if they pile up
         if len(self._deadlines) > 2 * len(self._queue) + 64:
             self._deadlines = [(d, s) for d, s in self._deadlines if s in self._queue]
             heapq.heapify(self._deadlines)
+
+    def walk(self, serve: Callable[[Waiter], bool]) -> list[Waiter]:
+        """Offer each waiter whose turn it is to `serve`, in arrival order, and drop those
+        it serves (returned, in order). A waiter not served keeps its types blocked."""
+        turn = [w.seq for w in self._firsts()]
+        heapq.heapify(turn)
+        served: list[Waiter] = []
+        while turn:
+            w = self._queue[heapq.heappop(turn)]
+            if not serve(w):
+                continue
+            self.drop(w)
+            served.append(w)
+            for t in w.types:  # who is next in these lines may have its turn now
+                nxt = self._first(t)
+                if nxt is not None and self._has_turn(nxt) and nxt.seq not in turn:
+                    heapq.heappush(turn, nxt.seq)
+        return served
+
+    def _firsts(self) -> list[Waiter]:
+        """The waiters first in line for every type they need."""
+        heads = {self._first(t) for t in list(self._lines)}
+        return [w for w in heads if w is not None and self._has_turn(w)]
+
+    def _first(self, rtype: str) -> Waiter | None:
+        line = self._lines.get(rtype)
+        if line is None:
+            return None
+        while line[0] not in self._queue:  # a waiter that left: forget it now
+            line.popleft()
+        return self._queue[line[0]]
+
+    def _has_turn(self, w: Waiter) -> bool:
+        return all(self._first(t) is w for t in w.types)
 
     def pop_due(self, now: float) -> list[Waiter]:
         """Drop and return every waiter whose deadline is <= now, earliest first."""

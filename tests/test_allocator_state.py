@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -24,6 +25,7 @@ from hypothesis.stateful import (
 from rpool_agent.allocator import Allocator
 from rpool_agent.errors import NotOwner, Timeout
 from rpool_agent.lease import Denied, Granted, Queued, Reaped, Released
+from rpool_agent.placement import place_plan
 from rpool_agent.pool import Instance, Pool
 from rpool_agent.requests import Request, Unit, parse_request
 
@@ -49,8 +51,7 @@ class AllocatorMachine(RuleBasedStateMachine):
     @initialize(pool=pools())
     def start(self, pool: Pool) -> None:
         self.pool = pool
-        counter = itertools.count(1)
-        self.a = Allocator(pool, new_lease_id=lambda: f"L{next(counter)}")
+        self.a = self.allocator(pool)
         self.slots = {
             (t, i.id): i.slots for t, insts in pool.local.resources.items() for i in insts
         }
@@ -59,6 +60,10 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.leases: dict[str, Any] = {}  # id -> owner, as the events told us
         self.waiting: dict[tuple[int, int], float | None] = {}  # (owner, req) -> deadline
         self.drains: set[tuple[str, str]] = set()
+
+    def allocator(self, pool: Pool) -> Any:
+        counter = itertools.count(1)
+        return Allocator(pool, new_lease_id=lambda: f"L{next(counter)}")
 
     # --- applying what the allocator says ----------------------------------------------
 
@@ -237,3 +242,75 @@ TestAllocatorMachine.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+# --- the indexed queue against the linear walk it replaced ---------------------------------
+
+
+class LinearWalk(Allocator):
+    """The queue rule as first written: walk every waiter in order, keeping the blocked
+    types. The twin machine checks that the indexed walk decides exactly as this does."""
+
+    def _retry(self, now: float | None) -> list[Any]:
+        if not self._queue:
+            return []
+        if now is not None:
+            self._now = now
+        events: list[Any] = []
+        blocked: set[str] = set()
+        for w in list(self._queue):
+            if blocked.isdisjoint(w.types):
+                shape = w.shape
+                positions = place_plan(shape.plan, shape.n, shape.free, shape.distinct)
+                if positions is not None:
+                    lease = self._commit(w.owner, shape, positions, self._now, w.label, w.holder)
+                    events.append(Granted(w.owner, w.req_id, lease))
+                    self._queue.drop(w)
+                    continue
+            blocked |= w.types
+        return events
+
+
+def same(event: Any) -> Any:
+    """An event as comparable data (errors compare by type and message)."""
+    if isinstance(event, Denied):
+        return ("denied", event.owner, event.req_id, type(event.error), str(event.error))
+    return event
+
+
+class Twin:
+    """Feeds every input to the allocator and to `LinearWalk`; their events must agree."""
+
+    def __init__(self, a: Allocator, ref: LinearWalk) -> None:
+        self.a, self.ref = a, ref
+
+    def __getattr__(self, name: str) -> Any:
+        mine, theirs = getattr(self.a, name), getattr(self.ref, name)
+        if name not in ("submit", "release", "cancel", "disconnect", "expire", "undrain", "drain"):
+            return mine
+
+        def both(*args: Any, **kwargs: Any) -> Any:
+            try:
+                want = theirs(*args, **kwargs)
+            except Exception as exc:
+                with pytest.raises(type(exc)):
+                    mine(*args, **kwargs)
+                raise
+            got = mine(*args, **kwargs)
+            assert [same(e) for e in got or []] == [same(e) for e in want or []]
+            return got
+
+        return both
+
+
+class TwinMachine(AllocatorMachine):
+    def allocator(self, pool: Pool) -> Any:
+        c1, c2 = itertools.count(1), itertools.count(1)
+        return Twin(
+            Allocator(pool, new_lease_id=lambda: f"L{next(c1)}"),
+            LinearWalk(pool, new_lease_id=lambda: f"L{next(c2)}"),
+        )
+
+
+TestTwinMachine = TwinMachine.TestCase
+TestTwinMachine.settings = TestAllocatorMachine.settings
