@@ -203,9 +203,40 @@ def test_wheel_and_sdist_ship_the_units_and_run_from_a_fresh_venv(
     (sdist,) = dist.glob("rpool_agent-*.tar.gz")
     shipped = {f"rpool_agent/units/{t.source}" for t in TARGETS}
     assert shipped <= set(zipfile.ZipFile(wheel).namelist())
+    assert "is absent from the `packages` configuration" not in build.stdout + build.stderr
+    metadata = zipfile.ZipFile(wheel).read(f"{wheel.name.split('-py')[0]}.dist-info/METADATA")
+    headers = metadata.decode().split("\n\n", 1)[0].splitlines()
+    assert "License-Expression: MIT" in headers  # SPDX, PEP 639
+    assert "License-File: LICENSE" in headers
+    assert not [h for h in headers if "cpuinfo" in h]  # declared but never imported: gone
     with tarfile.open(sdist) as tar:
         in_sdist = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+        tar.extractall(tmp_path / "sdist", filter="data")
     assert shipped <= in_sdist
+    # What the sdist's own tests and the README's links need.
+    needed = {"LICENSE", "README.md", "tests/conftest.py", "tests/agent_fixture.py"}
+    needed |= {"tests/nvml_fixture.py", "tests/fake_nvml/fake_nvml.c", "docs/systemd.md"}
+    needed |= {f"docs/{p.name}" for p in (REPO / "docs").glob("*.md")}
+    needed |= {"tests/trees/two_socket_ht/proc/cpuinfo", ".ci/run"}
+    assert needed <= in_sdist, needed - in_sdist
+    assert not [n for n in in_sdist if "__pycache__" in n or n.endswith(".pyc")]
+    # The sdist's tests run (against this installation of the package): the fixtures, the
+    # recorded trees and the fake NVML, compiled from the sdist's C source, are all there.
+    (root,) = (tmp_path / "sdist").iterdir()
+    pytest_script = Path(sys.executable).with_name("pytest")  # not -m: no checkout on sys.path
+    some = [
+        "tests/test_probes_cpu.py",
+        "tests/test_probes_nvidia.py::test_eight_gpus_over_two_numa_nodes",
+    ]
+    tests = subprocess.run(
+        [str(pytest_script), "-q", "-p", "no:cacheprovider", *some],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-3000:]
+    assert " passed" in tests.stdout and "skipped" not in tests.stdout
 
     # A fresh venv without pip (faster); the running pip installs into it, dependencies
     # included, so nothing from this interpreter's site-packages can stand in.
