@@ -68,6 +68,20 @@ def find_script(argv0: str | None = None) -> str:
     raise ConfigError(f"cannot find the {SCRIPT} script: pass --exec PATH")
 
 
+def checked_script(script: str, root: Path) -> str:
+    """`--exec`'s path, refused unless it is absolute and an executable file, here or
+    under `root` (a staging tree, where a package build puts the script as well): a unit
+    whose ExecStart= names nothing would install cleanly and fail only when started."""
+    if not os.path.isabs(script):
+        raise ConfigError(f"--exec {script}: give the script's absolute path")
+    staged = root / script.lstrip("/")
+    for path in (Path(script), staged):
+        if path.is_file() and os.access(path, os.X_OK):
+            return script
+    where = "" if root.resolve() == Path("/") else f", nor {staged}"
+    raise ConfigError(f"--exec {script}: no executable file there{where}")
+
+
 def render_service(text: str, script: str) -> tuple[str, list[str]]:
     """The service file with ExecStart= naming `script`, and notes on what was changed."""
     notes: list[str] = []
@@ -101,8 +115,8 @@ def install_units(
     An existing agent.yaml is kept; the unit, sysusers and tmpfiles files are replaced.
     OSError (permissions, read-only file system) propagates to the caller.
     """
-    script = os.path.abspath(script) if script else find_script()
     root = Path(prefix)
+    script = checked_script(script, root) if script else find_script()
     done: list[Installed] = []
     notes: list[str] = []
     for target in TARGETS:

@@ -159,6 +159,10 @@ def test_install_units_keeps_an_edited_config(tmp_path: Path) -> None:
     assert cli("install-units", "--prefix", str(tmp_path)).returncode == 0
     conf = tmp_path / "etc/rpool-agent/agent.yaml"
     conf.write_text("slots_per_gpu: 3\n")
+    staged = tmp_path / "opt/x/rpool-agent"  # a package build stages the script too
+    staged.parent.mkdir(parents=True)
+    staged.write_text("#!/bin/sh\n")
+    staged.chmod(0o755)
     again = cli("install-units", "--prefix", str(tmp_path), "--exec", "/opt/x/rpool-agent")
     assert again.returncode == 0, again.stderr
     assert f"kept {conf}" in again.stdout.splitlines()
@@ -173,6 +177,24 @@ def test_verify_would_catch_a_broken_unit(tmp_path: Path, system_tool) -> None:
     bad.write_text(unit_text("rpool-agent.service").replace("ExecStart=/", "ExecStart=/nope/"))
     (tmp_path / "rpool-agent.socket").write_text(unit_text("rpool-agent.socket"))
     assert verify(system_tool, bad, tmp_path / "rpool-agent.socket").returncode != 0
+
+
+@pytest.mark.parametrize(
+    ("exec_path", "says"),
+    [
+        ("/nope", "--exec /nope: no executable file there, nor {tmp}/nope"),
+        ("rpool-agent", "--exec rpool-agent: give the script's absolute path"),
+        ("/etc/passwd", "--exec /etc/passwd: no executable file there"),  # not executable
+    ],
+)
+def test_install_units_refuses_an_exec_that_is_not_there(
+    tmp_path: Path, exec_path: str, says: str
+) -> None:
+    done = cli("install-units", "--prefix", str(tmp_path), "--exec", exec_path)
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"rpool-agent: {says.format(tmp=tmp_path)}"), done.stderr
+    assert len(done.stderr.splitlines()) == 1
+    assert not any(tmp_path.iterdir())  # nothing installed
 
 
 def test_install_units_unwritable_prefix_is_one_line(tmp_path: Path) -> None:
