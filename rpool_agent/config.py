@@ -167,9 +167,10 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        from .yaml_problem import describe
+
+        problem, mark = describe(exc, text)
+        at = f":{mark[0]}:{mark[1]}" if mark is not None else ""
         raise ConfigError(f"{where}{at}: invalid YAML: {problem}") from None
     if data is None:
         return {}

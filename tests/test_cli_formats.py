@@ -78,6 +78,8 @@ def test_validate_lists_every_problem(tmp_path: Path) -> None:
         (["validate", "{tmp}/missing.yaml"], 1, "{tmp}/missing.yaml: cannot read: No such file"),
         (["validate", "{tmp}"], 1, "{tmp}: cannot read: Is a directory"),
         (["validate", "{tmp}/broken.yaml"], 1, "{tmp}/broken.yaml: not valid YAML ("),
+        (["validate", "{tmp}/tab.yaml"], 1, "not valid YAML (a tab: YAML indents with spaces"),
+        (["validate", "/dev/zero"], 1, "/dev/zero: larger than 64 MiB: not a pool file"),
         (["validate", "{tmp}/pool.yaml", "--format", "toml"], 2, "invalid choice: 'toml'"),
         (["validate", "{tmp}/pool.yaml", "-f", "ctest"], 1, "this is the canary form, not ctest"),
         (["convert", "{tmp}/pool.yaml", "--to", "json"], 2, "invalid choice: 'json'"),
@@ -95,6 +97,7 @@ def test_bad_input_is_one_line_and_an_exit_code(
 ) -> None:
     tmp = flat.parent
     (tmp / "broken.yaml").write_text("a: [\n")
+    (tmp / "tab.yaml").write_text(FLAT.replace("  resources:", "\tresources:"))
     (tmp / "spec.json").write_text(BAD_SPEC)
     (tmp / "two.yaml").write_text(
         "nodes:\n- {id: a, resources: {cpus: [{id: 0}]}}\n- {id: b, resources: {cpus: [{id: 0}]}}\n"

@@ -91,6 +91,7 @@ def test_shipped_example_loads(tmp_path: Path) -> None:
     ("text", "message"),
     [
         ("slots_per_gpu: [1\n", r"agent\.yaml:2:1: invalid YAML: "),
+        ("mig: true\n\tslots_per_gpu: 2\n", r"agent\.yaml:2:1: invalid YAML: a tab: YAML indents"),
         ("- a\n- b\n", r"agent\.yaml: expected a mapping of options, got list"),
         ("slot_per_gpu: 2\n", r"agent\.yaml: unknown key 'slot_per_gpu' \(known: pool, "),
         ("slots_per_gpu: two\n", r"agent\.yaml: slots_per_gpu: expected an integer, got 'two'"),

@@ -142,9 +142,10 @@ def _load_text(text: str, source: str | None) -> Any:
             _check_depth(yaml.parse(text, Loader=loader), source)
         return yaml.load(text, Loader=loader)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        at = f", line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        from ..yaml_problem import describe
+
+        problem, mark = describe(exc, text)
+        at = f", line {mark[0]} column {mark[1]}" if mark else ""
         what = f"not valid YAML ({problem}{at})"
         if json_error:
             what = f"not valid JSON ({json_error}) nor YAML ({problem}{at})"
@@ -187,14 +188,23 @@ def check_text(text: str, *, format: str = "auto", source: str | None = None) ->
     return _check(doc, format, source)
 
 
+#: Larger than any pool file (a 1,000-node cluster of 256-cpu nodes is about 20 MB):
+#: `validate /dev/zero` must end, with a reason.
+MAX_FILE_BYTES = 64 * 1024 * 1024
+
+
 def _read(path: str | os.PathLike[str]) -> str:
     try:
         with open(path, encoding="utf-8") as fh:
-            return fh.read()
+            text = fh.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise PoolFormatError(f"cannot read: {exc.strerror or exc}", source=str(path)) from None
     except UnicodeDecodeError:
         raise PoolFormatError("not UTF-8 text", source=str(path)) from None
+    if len(text) > MAX_FILE_BYTES:
+        limit = f"{MAX_FILE_BYTES // 2**20} MiB"
+        raise PoolFormatError(f"larger than {limit}: not a pool file", source=str(path))
+    return text
 
 
 def check_file(path: str | os.PathLike[str], *, format: str = "auto") -> Checked:
