@@ -11,8 +11,9 @@ only declares its options, marker and fixture, and imports nothing of the client
   and handed to the process as `rpool-agent run` hands it to a command (handoff.py).
 - `@pytest.mark.rpool(gpus=1, cpus=0)`: a lease for one test, setup to teardown; the
   `rpool_lease` fixture gives it (or the process's lease).
-- The agent: `--rpool-agent PATH`; else, inside a lease (`RPOOL_LEASE_ID`), a private
-  agent on what that lease gives; else `RPOOL_AGENT_SOCKET`, the user's or the system
+- The agent: `--rpool-agent PATH`; else, inside a lease (`RPOOL_LEASE_ID`) or with an
+  inherited `CUDA_VISIBLE_DEVICES`, a private agent on what this process was given
+  (detection honours both); else `RPOOL_AGENT_SOCKET`, the user's or the system
   socket; else a private agent. The controller chooses once and tells its workers
   (`RPOOL_PYTEST_CONTROLLER`, read only by its own children).
 
@@ -88,9 +89,11 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
         early_config.add_cleanup(run.close)
         run.start()
     except Exception as exc:
-        if _RUN in early_config.stash:
-            early_config.stash[_RUN].close()
-        raise pytest.UsageError(f"rpool: {one_line(exc)}") from None
+        run = early_config.stash.get(_RUN, None)
+        message = run.failure(exc) if run is not None else f"rpool: {one_line(exc)}"
+        if run is not None:
+            run.close()
+        raise pytest.UsageError(message) from None
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -104,7 +107,7 @@ def pytest_configure(config: pytest.Config) -> None:
         try:
             run.prepare_workers(len(config.getoption("tx", None) or []))
         except Exception as exc:
-            raise pytest.UsageError(f"rpool: {one_line(exc)}") from None
+            raise pytest.UsageError(run.failure(exc)) from None
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

@@ -111,6 +111,7 @@ class ProcessRun:
         self.controller = False
         self.serving: Any = None  # controller: PrivateAgent serving the run lease to workers
         self.workers_client: Any = None
+        self.notes: list[str] = []  # a private agent's complaints at start
         self._saved_env: dict[str, str] | None = None
         self._saved_affinity: set[int] | None = None
 
@@ -140,6 +141,11 @@ class ProcessRun:
             why = "asked for (--rpool-agent private)"
         elif os.environ.get("RPOOL_LEASE_ID"):
             why = f"inside lease {os.environ['RPOOL_LEASE_ID']}: it serves what that lease holds"
+        elif "CUDA_VISIBLE_DEVICES" in os.environ:
+            # Someone gave this process its GPUs (Slurm, Flux, a CI executor): the node's
+            # agent does not know which; detection here does.
+            cvd = os.environ["CUDA_VISIBLE_DEVICES"]
+            why = f"CUDA_VISIBLE_DEVICES={cvd} is inherited: it serves those GPUs only"
         else:
             from .paths import client_socket_path
 
@@ -159,6 +165,16 @@ class ProcessRun:
         self.agent = private_agent.start(slots_per_gpu=slots or None)
         self.socket = self.agent.socket
         self.how = f"private agent (pid {self.agent.pid}) on the detected pool: {why}"
+        # What detection had to say (GPUs left out, and why) is what explains a refusal.
+        prefix = "rpool-agent: "
+        self.notes = [
+            ln[len(prefix) :] for ln in self.agent.log().splitlines() if ln.startswith(prefix)
+        ]
+
+    def failure(self, exc: BaseException) -> str:
+        """One line for a run that cannot go on, with what the private agent said."""
+        said = "".join(f" (the private agent says: {n})" for n in self.notes)
+        return f"rpool: {one_line(exc)}{said}"
 
     # --- roles
 
@@ -282,6 +298,7 @@ class ProcessRun:
         if self.socket is None:
             return []
         lines = [f"rpool: {self.how}"]
+        lines += [f"rpool: the private agent says: {note}" for note in self.notes]
         req = _req(self.settings.request) if self.settings else ""
         if self.controller and req:
             if self.serving is not None:

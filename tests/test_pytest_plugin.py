@@ -414,6 +414,12 @@ def test_idle():
     bad = subprocess.run([*PYTEST], cwd=root, env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 4
     assert bad.stderr.strip() == "ERROR: rpool: rpool_gpus = 'two': expected a whole number"
+    (root / "pytest.ini").write_text("[pytest]\n")
+    nobody = str(tmp_path / "nobody.sock")
+    cmd = [*PYTEST, "--rpool-gpus", "1", "--rpool-agent", nobody]
+    bad = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 4
+    assert bad.stderr.strip() == f"ERROR: rpool: no agent answers at {nobody} (--rpool-agent)"
 
 
 def test_describe_wait_names_holders() -> None:
@@ -433,7 +439,8 @@ def test_describe_wait_names_holders() -> None:
 def test_nested_in_a_lease_uses_only_that_lease(tmp_path: Path, fake_nvml_dir: Path) -> None:
     """`rpool-agent run --gpus 1 -- pytest --rpool-gpus 1`: the inner run leases from a
     private agent, whose detection honours the outer lease's `CUDA_VISIBLE_DEVICES`, so
-    its test gets the outer lease's GPU (2: the test holds 0 and 1) and no other."""
+    its test gets the outer lease's GPU (2: the test holds 0 and 1) and no other. So does
+    a run given `CUDA_VISIBLE_DEVICES=1` by a batch system, though an agent answers."""
     root = project(tmp_path, "n", TESTS.format(n=1, sleep=0.01))
     env = inner_env(tmp_path, None, "n", **nvml_env(tmp_path, fake_nvml_dir, 3))
     with running_agent(tmp_path, gpu_pool(3, 2)) as agent:
@@ -447,6 +454,18 @@ def test_nested_in_a_lease_uses_only_that_lease(tmp_path: Path, fake_nvml_dir: P
                 text=True,
                 timeout=60,
             )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "rpool: private agent (pid " in done.stdout and "inside lease " in done.stdout
-    assert {r["cvd"] for r in records(tmp_path)} == {"2"}
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "rpool: private agent (pid " in done.stdout and "inside lease " in done.stdout
+        assert {r["cvd"] for r in records(tmp_path)} == {"2"}
+
+        # A Slurm job's CUDA_VISIBLE_DEVICES, with the node's agent answering: the same.
+        # Without CUDA_DEVICE_ORDER the index means no GPU (docs/gpus.md), and the
+        # refusal says why, in the agent's words.
+        env["CUDA_VISIBLE_DEVICES"] = "1"
+        out = finish(start(root, env, "--rpool-gpus", "1"), root)
+        assert "ERROR: rpool: gpus=1 can never be granted" in out
+        assert "(the private agent says: CUDA_VISIBLE_DEVICES='1': this process" in out, out
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        out = finish(start(root, env, "--rpool-gpus", "1"), root)
+    assert "1 passed" in out and "CUDA_VISIBLE_DEVICES=1 is inherited" in out, out
+    assert {r["cvd"] for r in records(tmp_path)} == {"2", "1"}
