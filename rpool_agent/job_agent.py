@@ -29,11 +29,7 @@ from collections.abc import Mapping, Sequence
 from .errors import RpoolAgentError
 
 #: The `rpool-agent` command line, whichever way this package was installed.
-AGENT = [
-    sys.executable,
-    "-c",
-    "import sys; sys.argv[0] = 'rpool-agent'; from rpool_agent.entry import main; main()",
-]
+AGENT = [sys.executable, "-m", "rpool_agent.cli"]
 SOCKET_ENV = "RPOOL_AGENT_SOCKET"
 
 
