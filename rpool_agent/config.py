@@ -55,6 +55,9 @@ class ServeConfig:
     socket_mode: int = 0o660
     admin_group: str | None = None  # may drain/undrain/reload, besides root
     max_connections_per_uid: int = 64
+    max_connections_root: int = 1024
+    max_leases_per_uid: int = 1024  # held and waiting, empty requests included; not root
+    max_waiting_per_uid: int = 256
     max_pending_per_connection: int = 16
     max_message_bytes: int = 65536
     handshake_timeout: float = 10.0  # seconds a new connection may stay silent

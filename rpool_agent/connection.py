@@ -29,6 +29,9 @@ class Limits:
     max_message_bytes: int = protocol.MAX_MESSAGE_BYTES
     max_pending_per_connection: int = 16
     max_connections_per_uid: int = 64
+    max_connections_root: int = 1024  # root is trusted, but its leaks must not grow us
+    max_leases_per_uid: int = 1024  # held and waiting together, empty requests included
+    max_waiting_per_uid: int = 256
     handshake_timeout: float = 10.0
     # Replies one connection may have queued before the rest of its read waits: 64 KiB of
     # pipelined `status` calls would otherwise queue thousands of large replies at once.
@@ -43,6 +46,7 @@ class Connection(asyncio.BufferedProtocol):
     peer: Holder | None = None
     decoder: protocol.FrameDecoder = field(default_factory=protocol.FrameDecoder)
     greeted: bool = False
+    counted_uid: int | None = None  # the uid whose connection count includes this one
     pending: dict[Any, Any] = field(default_factory=dict)  # call id -> its waiting acquire
     _buffer: bytearray = field(default_factory=lambda: bytearray(65536))
     _out: list[bytes] = field(default_factory=list)  # frames queued this loop turn

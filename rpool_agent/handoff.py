@@ -313,32 +313,55 @@ def substitute_args(args: Sequence[str], files: LeaseFiles) -> list[str]:
 # --- per-lease files ------------------------------------------------------------------------
 
 
-def _private_dir(directory: str) -> None:
-    """Create `directory` mode 0700, or accept an existing one only if it is ours and real."""
-    parent = os.path.dirname(os.path.abspath(directory))
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_lease_dir(directory: str, mode: int) -> int:
+    """A descriptor of `directory`: made with `mode`, or an existing one that is ours and
+    real (not a link). Everything in it is then done through this descriptor."""
+    parent, name = os.path.split(os.path.abspath(directory))
     os.makedirs(parent, exist_ok=True)
+    pfd = os.open(parent, _DIR_FLAGS & ~os.O_NOFOLLOW)
     try:
-        os.mkdir(directory, 0o700)
-    except FileExistsError:
-        st = os.lstat(directory)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-            raise PermissionDenied(
-                f"{directory}: exists and is not a directory owned by uid {os.getuid()}"
-            ) from None
-    os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, mode, dir_fd=pfd)
+        try:
+            fd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
+        except OSError:  # a link (ELOOP) or a file (ENOTDIR) in its place
+            fd = -1
+    finally:
+        os.close(pfd)
+    st = os.fstat(fd) if fd >= 0 else None
+    if st is None or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        if fd >= 0:
+            os.close(fd)
+        raise PermissionDenied(
+            f"{directory}: exists and is not a directory owned by uid {os.geteuid()}"
+        )
+    os.fchmod(fd, mode)  # mkdir's mode is filtered by the umask
+    return fd
 
 
-def _write_atomic(path: str, text: str) -> None:
-    """Write a sibling temp file, then rename over `path`: readers never see half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+def _write_at(dir_fd: int, name: str, text: str, owner: tuple[int, int] | None) -> None:
+    """Write `name` in the directory whole: a new temp file (O_EXCL | O_NOFOLLOW: never
+    an existing file or a link), its mode and owner set on the open descriptor, then
+    renamed over `name`."""
+    import secrets
+
+    tmp = f".{name}.{secrets.token_hex(4)}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
-        os.replace(tmp, path)
+            fh.flush()
+            os.fchmod(fd, 0o600)
+            if owner is not None:
+                os.fchown(fd, *owner)
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
         raise
 
 
@@ -359,10 +382,16 @@ def _dump_nodes(pool: Pool) -> str:
     return yaml_dumps(doc)
 
 
-def write_lease_files(doc: Mapping[str, Any], directory: str) -> LeaseFiles:
+def write_lease_files(
+    doc: Mapping[str, Any], directory: str, *, owner: tuple[int, int] | None = None
+) -> LeaseFiles:
     """Write the lease's CTest spec, flat canary pool and node-form canary pool.
 
-    The directory is created mode 0700 (parents as needed); each file appears whole.
+    Each file appears whole, mode 0600. With `owner` (uid, gid), the agent running as root
+    for another user, the files are that user's while the directory stays the agent's,
+    mode 0711: the holder reads its files by name but cannot add, rename or replace
+    anything in the directory. Without, the directory is mode 0700. Nothing here follows
+    a link or acts on a path a client could change (docs/security.md).
     """
     from .formats import dumps  # the YAML writer is heavy; lease_env alone never needs it
 
@@ -372,9 +401,12 @@ def write_lease_files(doc: Mapping[str, Any], directory: str) -> LeaseFiles:
         POOL_NAME: dumps(local, "canary"),
         POOL_NODES_NAME: _dump_nodes(_node_pool(doc, os.uname().nodename)),
     }
-    _private_dir(directory)
-    for name, text in texts.items():
-        _write_atomic(os.path.join(directory, name), text)
+    fd = _open_lease_dir(directory, 0o700 if owner is None else 0o711)
+    try:
+        for name, text in texts.items():
+            _write_at(fd, name, text, owner)
+    finally:
+        os.close(fd)
     return LeaseFiles(
         directory=directory,
         ctest_spec=os.path.join(directory, CTEST_SPEC_NAME),
@@ -383,14 +415,45 @@ def write_lease_files(doc: Mapping[str, Any], directory: str) -> LeaseFiles:
     )
 
 
-def remove_lease_files(files: LeaseFiles) -> None:
-    """Remove the three files and the directory; missing ones are fine.
+def remove_lease_files(files: LeaseFiles) -> list[str]:
+    """Remove the three files and the directory; missing ones are fine. Never raises,
+    never follows a link: returns what could not be removed, for the log.
 
-    Anything else a program left in the directory stays, and so does the directory then:
-    this never deletes files it did not write.
+    Anything else in the directory stays, and so does the directory then: this never
+    deletes what it did not write. A link in a file's place is removed itself (never its
+    target); a directory in a file's place is left where it is.
     """
-    for path in (files.ctest_spec, files.pool, files.pool_nodes):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-    with contextlib.suppress(OSError):  # gone already, or not empty
-        os.rmdir(files.directory)
+    problems: list[str] = []
+    parent, name = os.path.split(files.directory)
+    try:
+        pfd = os.open(parent or ".", _DIR_FLAGS & ~os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return problems
+    except OSError as exc:
+        return [f"{parent}: {exc.strerror or exc}"]
+    try:
+        try:
+            fd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
+        except FileNotFoundError:
+            return problems
+        except OSError as exc:  # a link or a file where the directory was
+            return [f"{files.directory}: {exc.strerror or exc}"]
+        try:
+            for path in (files.ctest_spec, files.pool, files.pool_nodes):
+                try:  # unlink removes a link itself, never its target
+                    os.unlink(os.path.basename(path), dir_fd=fd)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:  # a directory in its place (EISDIR), ...
+                    problems.append(f"{path}: {exc.strerror or exc}")
+        finally:
+            os.close(fd)
+        try:
+            os.rmdir(name, dir_fd=pfd)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            problems.append(f"{files.directory}: {exc.strerror or exc}")
+    finally:
+        os.close(pfd)
+    return problems

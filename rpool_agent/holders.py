@@ -39,12 +39,20 @@ def peer_credentials(sock: socket.socket) -> Holder:
     return Holder(pid, uid, gid, process_starttime(pid))
 
 
-def process_starttime(pid: int, proc: str = "/proc") -> int | None:
-    """Start time of `pid` in clock ticks since boot, or None if it does not exist."""
+def process_starttime(pid: int, proc: str = "/proc", *, strict: bool = False) -> int | None:
+    """Start time of `pid` in clock ticks since boot, or None if it does not exist.
+
+    With `strict`, only a process that is gone gives None; any other failure (EMFILE,
+    ENOMEM...) raises OSError: running out of descriptors is not evidence of death.
+    """
     try:
         with open(f"{proc}/{pid}/stat", "rb") as f:
             data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
     except OSError:
+        if strict:
+            raise
         return None
     # comm (field 2) may hold spaces and parentheses: split after the last ')'.
     fields = data[data.rfind(b")") + 2 :].split()
@@ -76,13 +84,21 @@ def open_pidfd(pid: int, starttime: int | None) -> int | None:
     """A pidfd for the holder, or None if it has exited (or the pid was recycled).
 
     The start time is checked after opening: a pidfd pins the process, so a match then
-    means this fd really refers to the holder and its readability means its exit.
+    means this fd really refers to the holder and its readability means its exit. Only
+    ESRCH (or no /proc entry) and a start-time mismatch mean "exited": any other failure
+    (EMFILE: the agent is out of descriptors) raises OSError, since it says nothing about
+    the holder.
     """
     try:
         fd = os.pidfd_open(pid)
-    except (ProcessLookupError, OSError):
+    except ProcessLookupError:
         return None
-    if starttime is not None and process_starttime(pid) != starttime:
+    try:
+        now = process_starttime(pid, strict=True)
+    except BaseException:
+        os.close(fd)
+        raise
+    if now is None or (starttime is not None and now != starttime):
         os.close(fd)
         return None
     return fd
@@ -95,4 +111,5 @@ class LeaseExtras:
     token: str
     holder: Holder
     files: Any = None  # handoff.LeaseFiles once written
-    pidfd: int | None = None
+    pidfd: int | None = None  # its holder process's pidfd (PidWatch), shared, counted
+    counted_uid: int | None = None  # the uid whose lease count includes this lease

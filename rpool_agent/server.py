@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import os
-import secrets
 import signal
 import socket
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -32,8 +33,10 @@ from .listener import bind_socket, check_socket_dir
 from .pidwatch import PidWatch
 from .pool import Pool
 from .restore import restore_leases
-from .service import LeaseExtras, Pending, Service
+from .service import LeaseExtras, Pending, Service, uncount
 from .state import lease_record
+
+_RESOURCE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 __all__ = ["Connection", "LeaseExtras", "Limits", "Server", "check_socket_dir", "run_server"]
 
@@ -78,20 +81,20 @@ class Server(Service):
         self.watchdog_interval = watchdog_interval
         self.log_events = log_events
         self.gpu_health = gpu_health  # gpu_health.GpuHealth: drains GPUs that fail
-        # A random prefix per agent start keeps ids unique across restarts (a re-adopted
-        # lease keeps its id); the counter keeps them unique, and cheap, within one.
-        prefix = secrets.token_hex(3)
-        self._lease_ids = (f"{prefix}-{i:x}" for i in itertools.count(1))
-        self.allocator = Allocator(pool, new_lease_id=lambda: next(self._lease_ids))
+        self.allocator = Allocator(pool, new_lease_id=self._new_lease_id)
         self.connections: dict[int, Connection] = {}
         self.extras: dict[str, LeaseExtras] = {}
         self.pids = PidWatch(self._holder_exited)  # one pidfd per holder process
         self.waiting: set[Pending] = set()  # acquires that wait, each routed to its conn
+        self.uid_connections: Counter[int] = Counter()
+        self.uid_leases: Counter[int] = Counter()
+        self.uid_waiting: Counter[int] = Counter()
         self._numbers = itertools.count(1)
         self._timer: asyncio.TimerHandle | None = None
         self._server: asyncio.AbstractServer | None = None
         self._stopped: asyncio.Event | None = None
         self._owned_socket = False
+        self._accept_warned = 0.0  # monotonic time before which accept() errors stay unsaid
         self._status_pending = False
         self._log_lines: list[str] = []
         self._turn_end: dict[Callable[[], None], None] = {}
@@ -99,7 +102,6 @@ class Server(Service):
         self._outbox: list[Connection] = []  # connections with frames queued this turn
         self._in_read = False  # inside Connection.buffer_updated: it schedules the turn end
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._random = b""  # urandom drawn in bulk for lease tokens
         # op name -> handler, bound once (not a getattr and an f-string per message)
         self._ops = {op: getattr(self, f"op_{op}") for op in protocol.OPERATIONS}
 
@@ -111,18 +113,25 @@ class Server(Service):
         return conn
 
     def admit(self, conn: Connection) -> bool:
+        """Count the connection under its uid, or refuse it over the uid's cap (root's
+        too: a leaking root job must not grow the agent without bound)."""
         uid = conn.peer.uid if conn.peer else -1
-        same_uid = sum(1 for c in self.connections.values() if c.peer and c.peer.uid == uid)
-        if uid != 0 and same_uid > self.limits.max_connections_per_uid:
+        cap = self.limits.max_connections_root if uid == 0 else self.limits.max_connections_per_uid
+        if self.uid_connections[uid] >= cap:
             conn.send(protocol.error(None, LimitExceeded("too many connections for this uid")))
             conn.close()
             return False
+        self.uid_connections[uid] += 1
+        conn.counted_uid = uid
         return True
 
     def forget(self, conn: Connection) -> None:
         """A connection closed, however it closed: reap what it held, serve the next waiter."""
         if self.connections.pop(conn.number, None) is None:
             return
+        if conn.counted_uid is not None:
+            uncount(self.uid_connections, conn.counted_uid)
+            conn.counted_uid = None
         pending = list(conn.pending.values())
         for p in pending:
             self._unroute(p)
@@ -304,6 +313,7 @@ class Server(Service):
     async def start(self, sock: socket.socket | None = None) -> None:
         """Listen on `sock` (inherited from systemd) or on a socket we create."""
         loop = self._loop = asyncio.get_running_loop()
+        loop.set_exception_handler(self._on_loop_error)
         if self.state is not None:  # before anyone can connect
             restore_leases(self, self.state)
         if sock is None:
@@ -314,6 +324,23 @@ class Server(Service):
             self._watchdog()
         if self.gpu_health is not None:
             self.gpu_health.start(self)
+
+    def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """asyncio's report of a failed callback. Out of descriptors at accept(), asyncio
+        itself stops accepting for a second and tries again: say so in one line (once a
+        minute at most), not with a traceback per try."""
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS:
+            now = time.monotonic()
+            if now >= self._accept_warned:
+                self._accept_warned = now + 60.0
+                self._log(
+                    f"cannot accept connections: {exc.strerror}; retrying each second "
+                    "(raise LimitNOFILE, or look for a client that leaks connections)",
+                    important=True,
+                )
+            return
+        loop.default_exception_handler(context)
 
     def _watchdog(self) -> None:
         """WATCHDOG=1 at the rate systemd asked for, from the loop: a stuck loop stops it."""

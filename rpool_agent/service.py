@@ -14,6 +14,8 @@ import functools
 import os
 import secrets
 import time
+import traceback
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +23,7 @@ from typing import Any
 from . import protocol
 from .allocator import Allocator
 from .connection import Connection, Limits
+from .documents import lease_document
 from .errors import (
     LimitExceeded,
     NotOwner,
@@ -70,6 +73,8 @@ class Service:
     extras: dict[str, LeaseExtras]
     pids: PidWatch
     waiting: set[Pending]
+    uid_leases: Counter[int]
+    uid_waiting: Counter[int]
 
     def handle_frame(self, conn: Connection, frame: Any) -> None:
         rid: Any = None  # never echo an id parse_call did not accept (it may be anything)
@@ -96,6 +101,12 @@ class Service:
     # --- operations (each returns the reply's result, or _DEFERRED) ----------------------
 
     def op_hello(self, conn: Connection, call: protocol.Call) -> Any:
+        # parse_call compares the version by value, where `true` and `1.0` equal 1
+        if type(call.args.get("version")) is not int:
+            raise ProtocolError("'version' must be an integer")
+        client = call.args.get("client")
+        if client is not None and not isinstance(client, str):
+            raise ProtocolError("'client' must be a string")
         conn.greet()
         from ._version import __version__
 
@@ -110,17 +121,17 @@ class Service:
     def op_acquire(self, conn: Connection, call: protocol.Call) -> Any:
         args = call.args
         request = parse_request(args.get("request"))
-        timeout = args.get("timeout")
-        if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0
-        ):
-            raise ProtocolError("'timeout' must be a number >= 0 or null")
+        timeout = _timeout_arg(args.get("timeout"))
+        files = args.get("files")
+        if files is not None and not isinstance(files, bool):
+            raise ProtocolError("'files' must be true or false")
         label = args.get("label")
         if label is not None and (not isinstance(label, str) or len(label) > 256):
             raise ProtocolError("'label' must be a string of at most 256 characters")
         if len(conn.pending) >= self.limits.max_pending_per_connection:
             raise LimitExceeded("too many pending acquires on this connection")
         peer = conn.peer or Holder(-1, -1, -1)
+        self._check_uid_caps(peer.uid)
         owner: Owner = conn.owner
         holder = peer
         holder_pid = args.get("holder_pid")
@@ -136,7 +147,7 @@ class Service:
             restored = self.state.restored_lease(token) if self.state is not None else None
             if restored is not None and restored in self.allocator.leases:
                 return self._rebind(conn, restored, with_token=True)
-        want_files = bool(args.get("files"))
+        want_files = bool(files)
         pending = Pending(conn, call.id, owner, token, want_files)
         events = self.allocator.submit(
             owner,
@@ -158,8 +169,27 @@ class Service:
             return _DEFERRED
         conn.pending[call.id] = pending
         self.waiting.add(pending)
+        self.uid_waiting[peer.uid] += 1
         self.dispatch(events)  # Queued: tell the client, arm its timeout
         return _DEFERRED
+
+    def _check_uid_caps(self, uid: int) -> None:
+        """Every acquire counts, empty ones too: held and waiting leases per uid are
+        capped (root, the operator, is not), so no client can grow us without bound."""
+        if uid == 0:
+            return
+        limits = self.limits
+        if self.uid_waiting[uid] >= limits.max_waiting_per_uid:
+            raise LimitExceeded(f"too many waiting acquires for this uid ({uid})")
+        if self.uid_leases[uid] + self.uid_waiting[uid] >= limits.max_leases_per_uid:
+            raise LimitExceeded(f"too many leases for this uid ({uid})")
+
+    def _new_lease_id(self) -> str:
+        """16 random hex digits: nobody can guess the next one (docs/security.md)."""
+        while True:
+            lease_id = secrets.token_hex(8)
+            if lease_id not in self.extras and lease_id not in self.allocator.leases:
+                return lease_id
 
     def _pid_holder(self, peer: Holder, pid: Any) -> tuple[Holder, Owner]:
         if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
@@ -190,6 +220,8 @@ class Service:
             return False
         self.waiting.discard(pending)
         pending.conn.pending.pop(pending.call_id, None)
+        peer = pending.conn.peer
+        uncount(self.uid_waiting, peer.uid if peer else -1)
         return True
 
     def op_release(self, conn: Connection, call: protocol.Call) -> Any:
@@ -270,6 +302,11 @@ class Service:
         self._close_pidfd(extras)
         if conn.peer is not None and conn.peer.pid > 0:
             extras.holder = conn.peer
+            if extras.counted_uid != conn.peer.uid:  # root re-claimed another's lease
+                if extras.counted_uid is not None:
+                    uncount(self.uid_leases, extras.counted_uid)
+                self.uid_leases[conn.peer.uid] += 1
+                extras.counted_uid = conn.peer.uid
         self._changed(lease_id)
         doc = self.lease_document(self.allocator.leases[lease_id], with_token=with_token)
         if with_token and extras.files is not None:
@@ -344,27 +381,43 @@ class Service:
         token: str | None,
         want_files: bool,
     ) -> None:
-        """Keep the lease's extras, journal it, log it, answer `conn` (if still there)."""
-        extras = LeaseExtras(token=token or self._new_token(), holder=holder)
-        self.extras[lease.id] = extras
+        """Watch the holder, keep the lease's extras, write its files, journal it, log it,
+        answer `conn` (if still there). What cannot be done for THIS grant (no descriptor
+        left, files that cannot be written) takes the lease back and refuses it; no other
+        lease is touched."""
+        pidfd = None
         if lease.owner[0] == "pid":
-            extras.pidfd = self.pids.watch(holder.pid, holder.starttime, lease.owner)
-            if extras.pidfd is None:  # the holder died while its request waited
+            try:
+                pidfd = self.pids.watch(holder.pid, holder.starttime, lease.owner)
+            except OSError as exc:  # EMFILE and the like: says nothing about the holder
+                why = f"cannot watch process {holder.pid}: {exc.strerror or exc}"
+                self._refuse_grant(conn, call_id, lease, why)
+                return
+            if pidfd is None:  # the holder died while its request waited
                 self._log(f"grant {lease.id} to pid={holder.pid}, which has exited")
                 if conn is not None:
                     gone = UnknownLease(f"process {holder.pid} exited before the grant")
                     conn.send(protocol.error(call_id, gone))
                 self._disconnect(lease.owner)
                 return
+        token = token or secrets.token_hex(16)
+        extras = LeaseExtras(token, holder, pidfd=pidfd, counted_uid=holder.uid)
+        self.uid_leases[holder.uid] += 1
+        self.extras[lease.id] = extras
+        doc = self.lease_document(lease, with_token=True)
+        if want_files:
+            try:
+                extras.files = self._write_files(doc, holder)
+            except (OSError, RpoolAgentError) as exc:
+                why = f"cannot write the lease's files: {getattr(exc, 'strerror', None) or exc}"
+                self._refuse_grant(conn, call_id, lease, why)
+                return
+            doc["files"] = dataclasses.asdict(extras.files)
         if self.log_events:
             self._log(
                 f"grant {lease.id} {_fmt_held(lease.held)} pid={holder.pid} "
                 f"uid={holder.uid}" + (f" label={lease.label!r}" if lease.label else "")
             )
-        doc = self.lease_document(lease, with_token=True)
-        if want_files:
-            extras.files = self._write_files(lease, doc, holder)
-            doc["files"] = dataclasses.asdict(extras.files)
         reply = protocol.encode(protocol.ok(call_id, doc))
         if self.state is not None:
             undo = functools.partial(self._unrecorded, lease.id, conn, call_id, reply)
@@ -391,26 +444,30 @@ class Service:
             conn.replace_frame(reply, protocol.encode(protocol.error(call_id, why)))
         self.dispatch(self.allocator.release(lease.owner, lease_id, now=time.monotonic()))
 
-    def _new_token(self) -> str:
-        """What secrets.token_hex(16) returns, from urandom drawn 4 KiB at a time: one
-        getrandom() per 256 grants instead of one per grant."""
-        r = self._random
-        if len(r) < 16:
-            r = os.urandom(4096)
-        self._random = r[16:]
-        return r[:16].hex()
+    def _refuse_grant(self, conn: Connection | None, call_id: Any, lease: Lease, why: str) -> None:
+        """Take back a lease granted this moment (never journalled, never answered) and
+        refuse its request; the slots go to the next waiter, if any."""
+        self._log(f"grant {lease.id} refused: {why}", important=True)
+        extras = self.extras.pop(lease.id, None)
+        if extras is not None:
+            self._drop_extras(lease.id, extras)
+        events = self.allocator.release(lease.owner, lease.id, now=time.monotonic())
+        self.dispatch([ev for ev in events if not isinstance(ev, Released)])
+        if conn is not None:
+            conn.send(protocol.error(call_id, LimitExceeded(f"{why}; try again later")))
 
-    def _write_files(self, lease: Lease, doc: dict[str, Any], holder: Holder) -> Any:
-        """Per-lease pool files, readable by the holder alone, removed when the lease ends."""
+    def _write_files(self, doc: dict[str, Any], holder: Holder) -> Any:
+        """Per-lease pool files, readable by the holder alone, removed when the lease ends.
+
+        The directory is the agent's, named by 32 random hex digits under the agent's own
+        files directory (mode 0711: nobody can list it); as root, the files are created
+        for the holder on their open descriptors (handoff.write_lease_files)."""
         from .handoff import write_lease_files
 
-        directory = os.path.join(self.files_dir, lease.id)
-        os.makedirs(self.files_dir, mode=0o755, exist_ok=True)
-        files = write_lease_files(doc, directory)
-        if os.geteuid() == 0 and holder.uid > 0:
-            for path in (directory, files.ctest_spec, files.pool, files.pool_nodes):
-                os.chown(path, holder.uid, holder.gid)
-        return files
+        _private_parent(self.files_dir)
+        directory = os.path.join(self.files_dir, secrets.token_hex(16))
+        owner = (holder.uid, holder.gid) if os.geteuid() == 0 and holder.uid > 0 else None
+        return write_lease_files(doc, directory, owner=owner)
 
     def _holder_exited(self, owner: Owner) -> None:
         self._disconnect(owner)
@@ -428,20 +485,37 @@ class Service:
         self.dispatch(events)
 
     def _end_lease(self, lease_id: str, how: str) -> None:
+        """A lease ended: each clean-up step on its own, so that a failing one (files a
+        holder tampered with) is logged and the lease, and this turn's other events, still
+        end, get journalled and get answered."""
         extras = self.extras.pop(lease_id, None)
         if extras is not None:
-            if extras.pidfd is not None:
-                self._close_pidfd(extras)
-            if extras.files is not None:
-                from .handoff import remove_lease_files
-
-                remove_lease_files(extras.files)
+            self._isolated(f"{how} {lease_id}: clean-up", self._drop_extras, lease_id, extras)
         if self.log_events:
             self._log(f"{how} {lease_id}")
         if self.state is not None:
-            self.state.record_end(lease_id)
+            self._isolated(f"{how} {lease_id}: journal", self.state.record_end, lease_id)
         if self.notify is not None:
             self._notify_status()
+
+    def _drop_extras(self, lease_id: str, extras: LeaseExtras) -> None:
+        """Undo what a grant set up beside the allocator: its count, pidfd and files."""
+        if extras.counted_uid is not None:
+            uncount(self.uid_leases, extras.counted_uid)
+            extras.counted_uid = None
+        if extras.pidfd is not None:
+            self._close_pidfd(extras)
+        if extras.files is not None:
+            from .handoff import remove_lease_files
+
+            for problem in remove_lease_files(extras.files):
+                self._log(f"lease {lease_id}: not removed: {problem}", important=True)
+
+    def _isolated(self, what: str, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            self._log(f"{what} failed:\n{traceback.format_exc()}", important=True)
 
     def _close_pidfd(self, extras: LeaseExtras) -> None:
         if extras.pidfd is not None:
@@ -449,35 +523,26 @@ class Service:
             extras.pidfd = None
 
     def lease_document(self, lease: Lease, *, with_token: bool) -> dict[str, Any]:
-        """The lease as a client sees it: ids, slots, groups and each instance's properties."""
         extras = self.extras.get(lease.id)
-        doc: dict[str, Any] = {
-            "id": lease.id,
-            "label": lease.label,
-            "resources": lease.resources(),
-            "groups": [
-                [{"type": s.type, "id": s.id, "slots": s.slots} for s in group]
-                for group in lease.groups
-            ],
-            "request": lease.request.to_wire(),
-            "properties": self._properties(lease),
-            "holder": dict(lease.holder),
-        }
-        if with_token and extras is not None:
-            doc["token"] = extras.token
-        return doc
+        token = extras.token if with_token and extras is not None else None
+        return lease_document(self.pool, lease, token)
 
-    def _properties(self, lease: Lease) -> dict[str, dict[str, Any]]:
-        """{type: {id: properties}} of the leased instances that have any."""
-        props: dict[str, dict[str, Any]] = {}
-        node = self.pool.nodes[0] if self.pool.nodes else None
-        if node is None:
-            return props
-        for s in lease.held:
-            inst = node.instance(s.type, s.id)
-            if inst is not None and inst.properties:
-                props.setdefault(s.type, {})[s.id] = inst.properties
-        return props
+
+def _timeout_arg(value: Any) -> float | None:
+    """Seconds >= 0 as a float, or None; a number no float can hold (401 digits) too is
+    malformed, not an OverflowError deep in the allocator."""
+    if value is None:
+        return None
+    bad = ProtocolError("'timeout' must be a number >= 0 or null")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad
+    try:
+        seconds = float(value)
+    except OverflowError:
+        raise bad from None
+    if not seconds >= 0 or seconds == float("inf"):
+        raise bad
+    return seconds
 
 
 def _resource_arg(value: Any) -> tuple[str, str]:
@@ -496,3 +561,25 @@ def _fmt_held(held: tuple[Any, ...]) -> str:
     for s in held:
         by_type.setdefault(s.type, []).append(f"{s.id}" + (f"x{s.slots}" if s.slots != 1 else ""))
     return " ".join(f"{t}:" + ",".join(ids) for t, ids in by_type.items())
+
+
+def uncount(counter: Counter[int], key: int) -> None:
+    """One fewer under `key`; a key at zero is deleted (the counter never grows)."""
+    n = counter[key] - 1
+    if n > 0:
+        counter[key] = n
+    else:
+        counter.pop(key, None)
+
+
+def _private_parent(directory: str) -> None:
+    """The agent's directory for per-lease files: made mode 0711 (others may pass, not
+    list), and refused if it is a link or anyone else's."""
+    import stat
+
+    os.makedirs(directory, mode=0o711, exist_ok=True)
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise PermissionDenied(f"{directory}: not a directory of uid {os.geteuid()}")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH | stat.S_IRGRP | stat.S_IROTH):
+        os.chmod(directory, 0o711, follow_symlinks=False)

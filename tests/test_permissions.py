@@ -322,11 +322,14 @@ def test_root_and_the_same_uid_may_release_a_users_lease(public_dir: Path) -> No
             doc = holder.read()
             assert holder.read()["pool"]
             files = doc["files"]
-            for path in (files["directory"], files["pool"], files["ctest_spec"]):
-                st = os.stat(path)
+            # The files are the holder's; the directory stays the agent's (0711): the
+            # holder reads its files, but can put, rename or replace nothing in there.
+            st = os.lstat(files["directory"])
+            assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o711)
+            for path in (files["pool"], files["ctest_spec"], files["pool_nodes"]):
+                st = os.lstat(path)
                 assert (st.st_uid, st.st_gid) == (NOBODY.pw_uid, NOBODY.pw_gid), path
-                want = 0o700 if path == files["directory"] else 0o600
-                assert stat.S_IMODE(st.st_mode) == want, path
+                assert stat.S_IMODE(st.st_mode) == 0o600, path
             with agent.client() as root:
                 [entry] = root.status()["leases"]
                 assert entry["holder"]["uid"] == NOBODY.pw_uid

@@ -124,7 +124,10 @@ def test_run_hands_the_lease_to_the_command(tmp_path: Path) -> None:
         # (alone or inside a longer argument) name them; other braces stay as they are.
         paths = [env["RPOOL_CTEST_SPEC_FILE"], env["RPOOL_POOL_FILE"], env["RPOOL_POOL_NODES_FILE"]]
         assert got["argv"] == [*paths, f"--pool={paths[1]}", "{other}"]
-        assert all(Path(p).parent.name == mine["id"] for p in paths)
+        # One directory per lease, named by the agent at random (not by the lease id,
+        # which every user sees in `status`: docs/security.md)
+        [lease_dir] = {Path(p).parent for p in paths}
+        assert lease_dir.name != mine["id"] and len(lease_dir.name) == 32
         spec = json.loads(got["files"][paths[0]])
         assert [g["id"] for g in spec["local"][0]["gpus"]] == ["0", "1"]  # CUDA's numbering
         [node] = yaml.safe_load(got["files"][paths[2]])["resource_pool"]["nodes"]
