@@ -9,7 +9,6 @@ reference for every operation and error code.
 from __future__ import annotations
 
 import json
-from json.encoder import encode_basestring
 from typing import Any, NamedTuple
 
 from .errors import (
@@ -37,14 +36,6 @@ OPERATIONS: dict[str, frozenset[str]] = {
     "reload": frozenset(),
 }
 
-# No circular check: every message is a tree built here from JSON-able values.
-_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False)
-
-#: A str as `encode` writes it (quoted, escaped, non-ASCII kept): lets the hot replies be
-#: built by concatenation, byte for byte what `encode` would write (tests check it).
-json_str = encode_basestring
-json_value = _encoder.encode
-
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
@@ -64,12 +55,12 @@ _decode = _decoder.decode
 
 
 def encode(message: dict[str, Any]) -> bytes:
-    """One frame: compact JSON and a newline."""
-    text = _encoder.encode(message) + "\n"
-    try:
-        return text.encode()
-    except UnicodeEncodeError:  # a lone surrogate a peer sent us ("\ud800"): escape it
-        return (json.dumps(message, separators=(",", ":")) + "\n").encode()
+    """One frame: compact JSON and a newline.
+
+    ASCII only (`\\uXXXX` escapes): always valid UTF-8, even for a lone surrogate a peer
+    sent us in a label and gets back in a reply.
+    """
+    return (json.dumps(message, separators=(",", ":")) + "\n").encode()
 
 
 class FrameDecoder:
@@ -93,15 +84,6 @@ class FrameDecoder:
         return len(self._buf)
 
     def feed(self, data: bytes) -> list[Any]:
-        # The usual read: one whole object frame and nothing else (JSON allows the
-        # trailing newline, so the frame is decoded as it came).
-        if (
-            not self._buf
-            and data[:1] == b"{"
-            and data.find(b"\n") == len(data) - 1
-            and len(data) <= self.limit
-        ):
-            return [decode_frame(data)]
         buf = self._buf + data if self._buf else data
         *lines, rest = buf.split(b"\n")
         self._buf = b""
@@ -122,22 +104,8 @@ class FrameDecoder:
         return exc
 
 
-_scan_once = _decoder.scan_once
-
-
 def decode_frame(line: bytes) -> Any:
-    # Fast path: the C scanner on its own, accepted when the value spans the whole frame
-    # (a trailing newline allowed). Anything else, errors included, goes the full way, so
-    # every message and every refusal is what `_decode` says.
-    try:
-        text = line.decode()
-        obj, end = _scan_once(text, 0)
-    except (ValueError, StopIteration, RecursionError):
-        pass
-    else:
-        n = len(text)
-        if end == n or (end == n - 1 and text[end] == "\n"):
-            return obj
+    """One frame's object, or a `ProtocolError` saying why it is not one."""
     try:
         return _decode(line.decode())
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
@@ -146,42 +114,15 @@ def decode_frame(line: bytes) -> Any:
 
 
 class Call(NamedTuple):
-    """A validated client request: `{"id": ..., "op": ..., **args}`. A named tuple, not a
-    frozen dataclass: one is built per message, and a tuple is built in a third the time."""
+    """A validated client request: `{"id": ..., "op": ..., **args}`."""
 
     id: int | str | None
     op: str
     args: dict[str, Any]
 
 
-# An int id is "short" when its decimal text has at most 64 characters (sign included).
-_ID_MIN, _ID_LIMIT = -(10**63), 10**64
-
-
 def parse_call(frame: Any) -> Call:
     """Check a decoded frame's shape; raise a `ProtocolError` subclass naming the problem."""
-    # The fast path: a well-formed call of the usual kind, checked with exact types only;
-    # everything else (errors, "hello", odd types) takes the full path below.
-    if type(frame) is dict:
-        rid = frame.get("id")
-        kind = type(rid)
-        if (
-            rid is None
-            or (kind is int and _ID_MIN < rid < _ID_LIMIT)
-            or (kind is str and len(rid) <= 64)
-        ):
-            op = frame.get("op")
-            allowed = OPERATIONS.get(op) if type(op) is str and op != "hello" else None
-            if allowed is not None:
-                args = frame.copy()
-                del args["op"]
-                args.pop("id", None)
-                if allowed.issuperset(args):
-                    return Call(rid, op, args)
-    return _parse_call(frame)
-
-
-def _parse_call(frame: Any) -> Call:
     if isinstance(frame, ProtocolError):
         raise frame
     if not isinstance(frame, dict):
@@ -237,18 +178,3 @@ def raise_for_reply(reply: dict[str, Any]) -> Any:
     err = reply.get("error") or {}
     cls = error_for_code(str(err.get("code", "error")))
     raise cls(str(err.get("message", "unknown error")))
-
-
-def id_json(rid: Any) -> str:
-    """A call id (`parse_call` let through None, an int or a short str) as JSON."""
-    kind = type(rid)
-    if kind is int:
-        return str(rid)
-    if kind is str:
-        return json_str(rid)
-    return json_value(rid)
-
-
-def ok_json(rid: Any, result_json: str) -> bytes:
-    """`encode(ok(rid, result))` for a result already in JSON (ASCII or valid UTF-8)."""
-    return f'{{"id":{id_json(rid)},"ok":true,"result":{result_json}}}\n'.encode()

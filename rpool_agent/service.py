@@ -237,11 +237,7 @@ class Service:
             self._end_lease(lease_id, "release")
         else:
             self.dispatch(events)
-        if not lease_id.isascii():  # a restored lease's id can be anything
-            return {"released": lease_id}
-        # The hot reply, pre-encoded: `{"released": lease_id}`.
-        conn.send_bytes(protocol.ok_json(call.id, f'{{"released":{protocol.json_str(lease_id)}}}'))
-        return _DEFERRED
+        return {"released": lease_id}
 
     def _check_may_touch(self, conn: Connection, lease: Lease) -> None:
         if lease.owner == conn.owner:
