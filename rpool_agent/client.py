@@ -165,6 +165,9 @@ class Client:
             except FileNotFoundError as exc:
                 sock.close()
                 reason = exc.strerror or str(exc)
+            except PermissionError as exc:
+                sock.close()
+                raise AgentUnavailable(permission_hint(self.socket_path, exc)) from None
             except OSError as exc:
                 sock.close()
                 raise AgentUnavailable(f"cannot connect to {self.socket_path}: {exc}") from None
@@ -331,3 +334,25 @@ def _wire_timeout(timeout: Any) -> float | None:
 
 class _ConnectionLost(Exception):
     """Internal: the agent closed the connection (restart, crash)."""
+
+
+def permission_hint(path: str, exc: OSError) -> str:
+    """A refused connection, with what to do: join the socket's group (the agent admits
+    that group's members), or, where the socket cannot even be seen, its directory's."""
+    import grp
+
+    for where in (path, os.path.dirname(path)):
+        try:
+            gid = os.stat(where).st_gid
+        except OSError:
+            continue
+        try:
+            group = grp.getgrgid(gid).gr_name
+        except KeyError:
+            group = str(gid)
+        return (
+            f"cannot connect to {path}: {exc.strerror}; the agent admits members of group"
+            f" {group}: ask an admin to add you (usermod -aG {group} USER), then log in"
+            " again, or start your own agent (rpool-agent serve) and set RPOOL_AGENT_SOCKET"
+        )
+    return f"cannot connect to {path}: {exc.strerror}"

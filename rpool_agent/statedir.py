@@ -47,8 +47,18 @@ def lock_dir(dir_fd: int, path: Path, name: str) -> tuple[int, bool]:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
         os.close(fd)
-        raise ConfigError(f"another agent keeps its leases in {path}") from None
+        pid = f" (pid {holder})" if holder.isdigit() else ""
+        raise ConfigError(
+            f"another agent{pid} keeps its leases in {path}; to run a second agent, give"
+            " it a --state-dir and a --socket of its own"
+        ) from None
+    try:  # who holds it, for the next agent's message
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:
+        pass  # only the message loses the pid
     return fd, existed
 
 

@@ -8,6 +8,7 @@ would for a real user's job. A fork, not an exec: `nobody` may not read root's P
 from __future__ import annotations
 
 import contextlib
+import grp  # noqa: F401  (the client imports it; loaded before a child drops privileges)
 import json
 import os
 import pwd
@@ -138,7 +139,9 @@ def test_socket_is_0660_with_its_group_and_only_the_group_gets_in(public_dir: Pa
                 report({"refused": str(exc)})
 
         outside = as_nobody(connect)
-        assert "Permission denied" in outside["refused"]
+        assert outside["refused"].startswith(f"cannot connect to {agent.socket}: Permission")
+        assert f"members of group {SOCKET_GID}: ask an admin to add you" in outside["refused"]
+        assert f"(usermod -aG {SOCKET_GID} USER)" in outside["refused"]
         inside = as_nobody(connect, groups=(SOCKET_GID,))
         # Who we are comes from the kernel, not from anything the client said.
         assert inside["you"]["uid"] == NOBODY.pw_uid

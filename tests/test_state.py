@@ -165,8 +165,45 @@ def test_unsafe_or_shared_state_dir_is_refused_in_one_line(tmp_path: Path) -> No
     assert "writable by it alone" in serve_fails(str(tmp_path / "x.sock"), shared)
     with running_agent(tmp_path) as agent:
         said = serve_fails(str(tmp_path / "y.sock"), tmp_path / "agent-state")
-        assert "another agent keeps its leases" in said
+        assert f"another agent (pid {agent.proc.pid}) keeps its leases in " in said
+        assert "to run a second agent, give it a --state-dir and a --socket of its own" in said
+        assert len(said.splitlines()) == 1
         assert agent.status()["leases"] == []  # the first one is unharmed
+
+
+@pytest.fixture
+def read_only_dir(tmp_path: Path) -> Any:
+    """A directory on a file system mounted read-only (a tmpfs: mounting needs root)."""
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+    )
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mount.stderr.strip()}")
+    try:
+        (mnt / "state").mkdir(mode=0o700)  # an agent's dir from before the remount
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_state_dir_on_a_read_only_file_system_is_one_line(
+    tmp_path: Path, read_only_dir: Path
+) -> None:
+    pool = tmp_path / "pool.json"
+    pool.write_text(json.dumps(gpu_pool()))
+    for state_dir in (read_only_dir / "state", read_only_dir / "new"):
+        cmd = [PY, "-m", "rpool_agent.cli", "serve", "--pool", str(pool)]
+        cmd += ["--socket", str(tmp_path / "a.sock"), "--state-dir", str(state_dir)]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        assert r.returncode == 1
+        assert r.stderr.startswith(f"rpool-agent: state dir {state_dir}")
+        assert r.stderr.endswith(": Read-only file system\n")
+        assert len(r.stderr.splitlines()) == 1
 
 
 def test_recycled_pid_is_not_taken_for_the_holder(tmp_path: Path) -> None:
