@@ -18,11 +18,12 @@ from .errors import ConfigError, RpoolAgentError
 from .pool import Pool
 
 
-def load_pool(cfg: Any) -> Pool:
+def load_pool(cfg: Any, *, reloading: bool = False) -> Pool:
     """The pool file when one is configured, else what the probes find on this node.
 
     NVML installed but failing does not stop the agent: it serves the CPUs, logs why, and
-    the pool's `gpus_unavailable` property carries the reason to `status`."""
+    the pool's `gpus_unavailable` property carries the reason to `status`. A node with
+    no NVIDIA GPU at all is said once, at start, not again on every reload."""
     if cfg.pool:
         from .formats import load_file
 
@@ -43,7 +44,8 @@ def load_pool(cfg: Any) -> Pool:
     if report.failed:
         pool.additional_properties["gpus_unavailable"] = report.problem
         notes.append("serving the CPUs only")
-    for line in [report.problem, *notes] if report.problem else notes:
+    said = None if reloading and report.source == "none" else report.problem
+    for line in [said, *notes] if said else notes:
         print(f"rpool-agent: {line}", file=sys.stderr)
     return pool
 
@@ -84,7 +86,7 @@ def build_server(cfg: Any, reload_config: Callable[[], Any] | None = None) -> An
         socket_gid=group_id(cfg.socket_group, "socket group"),
         socket_mode=cfg.socket_mode,
         notify=systemd.notify if os.environ.get("NOTIFY_SOCKET") else None,
-        pool_loader=lambda: load_pool(reload_config() if reload_config else cfg),
+        pool_loader=lambda: load_pool(reload_config() if reload_config else cfg, reloading=True),
         watchdog_interval=systemd.watchdog_interval(),
         state=StateStore.for_dir(cfg.state_dir) if cfg.state_dir else None,
         log_events=cfg.log_level in ("debug", "info"),

@@ -283,8 +283,15 @@ def test_cli_formats_validate(trees: Path, form: str) -> None:
     assert done.returncode == 0, done.stderr
     pool = parse_text(done.stdout, format=form)
     assert [i.id for i in pool.local.resources["cpus"]] == ["2", "3", "4", "5", "6"]
-    # no GPUs in the tree: one line on stderr saying why, and still exit 0
-    assert len(done.stderr.splitlines()) == 1 and "no NVIDIA GPUs" in done.stderr
+    # no GPUs in the tree: nothing on stderr (every job's prologue would print it), exit 0
+    assert done.stderr == ""
+
+
+def test_cli_says_why_there_is_no_gpu_under_verbose(trees: Path) -> None:
+    done = cli("--sysroot", str(trees / "cgroup_v2_cpuset"), "-v")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.startswith("rpool-agent: no NVIDIA GPUs: no proc/driver/nvidia/gpus/")
+    assert len(done.stderr.splitlines()) == 1
 
 
 def test_cli_default_is_canary_yaml_and_hyperthreads(trees: Path) -> None:

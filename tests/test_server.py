@@ -420,6 +420,35 @@ def test_second_agent_on_the_same_socket_refuses_to_start(tmp_path: Path) -> Non
         assert agent.status()["types"]["gpus"]["total"] == 4
 
 
+def test_a_node_without_gpus_says_so_once_in_the_log_not_on_each_reload(tmp_path: Path) -> None:
+    import ctypes
+
+    from agent_fixture import wait_for_socket
+
+    try:
+        ctypes.CDLL("libnvidia-ml.so.1")
+        pytest.skip("NVIDIA's NVML library is here: this test needs a node without GPUs")
+    except OSError:
+        pass
+    sock, log_path = str(tmp_path / "a.sock"), tmp_path / "agent.log"
+    cmd = [PY, "-m", "rpool_agent.cli", "serve", "--socket", sock]  # no --pool: detect
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [*cmd, "--state-dir", str(tmp_path / "state")], stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        wait_for_socket(sock, proc)
+        for n in (1, 2):
+            proc.send_signal(signal.SIGHUP)
+            wait_until(lambda n=n: log_path.read_text().count("reload: ") == n)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    said = log_path.read_text()
+    assert said.count("no NVIDIA GPUs") == 1, said
+    assert said.index("no NVIDIA GPUs") < said.index("reload: ")
+
+
 def test_stale_socket_file_is_replaced(tmp_path: Path) -> None:
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(tmp_path / "agent.sock"))

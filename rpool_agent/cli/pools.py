@@ -39,6 +39,12 @@ def declare_detect(p: argparse.ArgumentParser) -> None:
         help="probe a recorded /sys + /proc tree under DIR instead of this machine",
     )
     add_output(p)
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also say why no GPU was found where there is none (a CPU-only node)",
+    )
 
 
 def declare_validate(p: argparse.ArgumentParser) -> None:
@@ -91,6 +97,7 @@ def detect(args: argparse.Namespace) -> int:
             mig=args.mig is not False,  # offered unless --no-mig
             sysroot=args.sysroot,
             output=args.output,
+            verbose=args.verbose,
         )
     except ConfigError as exc:  # a bad --sysroot and the like: a usage error
         echo(f"rpool-agent: {exc}", err=True)
@@ -106,11 +113,14 @@ def run_detect(
     mig: bool = True,
     sysroot: str = "/",
     output: str | None = None,
+    verbose: bool = False,
 ) -> None:
     """Probe, then write the pool (or the JSON topology report) to stdout or `output`.
 
     NVML installed but failing is an error (ProbeError, nothing written): a pool without
-    the node's GPUs would look fine while every GPU job fails (docs/gpus.md)."""
+    the node's GPUs would look fine while every GPU job fails (docs/gpus.md). Where there
+    is simply no NVIDIA GPU, saying so on every run of every job is noise: `verbose` only.
+    A partial reading (a GPU skipped, /proc read instead of NVML) is always said."""
     from ..detect import detect_pool, topology_report
     from ..errors import ProbeError
     from ..probes.nvidia import probe_gpus
@@ -135,7 +145,8 @@ def run_detect(
             notes=notes,
         )
         text = dumps(pool, form)  # CTest's spec drops topology: expected, so no notes
-    for line in [gpus.problem, *notes] if gpus.problem else notes:
+    said = gpus.problem if verbose or gpus.source != "none" else None
+    for line in [said, *notes] if said else notes:
         sys.stderr.write(f"rpool-agent: {line}\n")
     write_text(text, output)
 
