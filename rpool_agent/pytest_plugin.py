@@ -91,9 +91,17 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
     except Exception as exc:
         run = early_config.stash.get(_RUN, None)
         message = run.failure(exc) if run is not None else f"rpool: {one_line(exc)}"
-        if run is not None:
-            run.close()
-        raise pytest.UsageError(message) from None
+        if run is None or run.worker is None:
+            if run is not None:
+                run.close()
+            raise pytest.UsageError(message) from None
+        # A worker that raises here dies with a traceback, and xdist starts another that
+        # fails alike, up to its restart limit. Instead it stays up without a lease, says
+        # why once, and fails each of its tests at setup with the reason.
+        run.close()
+        run.broken = message
+        with Terminal(early_config) as say:
+            say(message.removeprefix("rpool: "))
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -151,6 +159,9 @@ def _status_lease(le: dict[str, Any]) -> str:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
+    broken = item.config.stash.get(_RUN, None)
+    if broken is not None and broken.broken:
+        pytest.fail(broken.broken, pytrace=False)
     marker = item.get_closest_marker("rpool")
     if marker is None:
         return

@@ -112,6 +112,7 @@ class ProcessRun:
         self.serving: Any = None  # controller: PrivateAgent serving the run lease to workers
         self.workers_client: Any = None
         self.notes: list[str] = []  # a private agent's complaints at start
+        self.broken = ""  # a worker that could not take its lease: why
         self._saved_env: dict[str, str] | None = None
         self._saved_affinity: set[int] | None = None
 

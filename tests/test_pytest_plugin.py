@@ -469,3 +469,20 @@ def test_nested_in_a_lease_uses_only_that_lease(tmp_path: Path, fake_nvml_dir: P
         out = finish(start(root, env, "--rpool-gpus", "1"), root)
     assert "1 passed" in out and "CUDA_VISIBLE_DEVICES=1 is inherited" in out, out
     assert {r["cvd"] for r in records(tmp_path)} == {"2", "1"}
+
+
+def test_worker_that_cannot_take_its_lease_fails_its_tests_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    """A pool whose cpus are not this machine's: each worker says why on the terminal and
+    fails its tests at setup with that reason, instead of crashing with a traceback over
+    and over until xdist's restart limit."""
+    pool = gpu_pool(1, 0)
+    pool["resource_pool"]["resources"]["cpus"] = [{"id": "4096", "slots": 2}]
+    with running_agent(tmp_path, pool) as agent:
+        root = project(tmp_path, "c", TESTS.format(n=2, sleep=0), conftest=RECORD)
+        out = finish(
+            start(root, inner_env(tmp_path, agent.socket), "-n", "2", "--rpool-cpus=1"), root
+        )
+    assert "2 errors" in out and "Traceback" not in out and "crashed" not in out, out
+    assert out.count("rpool: cannot bind to the leased CPUs 4096") == 4, out  # 2 said, 2 errors
