@@ -38,7 +38,14 @@ class Limits:
     max_reply_backlog: int = 256 << 10
 
 
-@dataclass
+#: The bytes of one read, for every connection: a read is handled (copied into that
+#: connection's decoder) before the loop reads anything else, so one buffer serves all,
+#: and an idle connection costs no read buffer of its own.
+_READ_BUFFER = bytearray(protocol.MAX_MESSAGE_BYTES)
+_READ_VIEW = memoryview(_READ_BUFFER)
+
+
+@dataclass(slots=True, eq=False)
 class Connection(asyncio.BufferedProtocol):
     server: Any  # the Server: handle_frame, admit, forget and the turn-end queue
     number: int
@@ -48,12 +55,10 @@ class Connection(asyncio.BufferedProtocol):
     greeted: bool = False
     counted_uid: int | None = None  # the uid whose connection count includes this one
     pending: dict[Any, Any] = field(default_factory=dict)  # call id -> its waiting acquire
-    _buffer: bytearray = field(default_factory=lambda: bytearray(65536))
     _out: list[bytes] = field(default_factory=list)  # frames queued this loop turn
     _out_bytes: int = 0  # their size
     _backlog: tuple[list[Any], Any] | None = None  # (frames, too_large) held back
     _writing_paused: bool = False  # the transport's buffer is over its high-water mark
-    _view: memoryview | None = None  # of _buffer, made once
     _handshake_timer: asyncio.TimerHandle | None = None
 
     owner: Owner = field(init=False)  # ("conn", number): the allocator's key for us
@@ -80,10 +85,7 @@ class Connection(asyncio.BufferedProtocol):
         )
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        view = self._view
-        if view is None:
-            view = self._view = memoryview(self._buffer)
-        return view
+        return _READ_VIEW
 
     def buffer_updated(self, nbytes: int) -> None:
         server = self.server
@@ -97,7 +99,7 @@ class Connection(asyncio.BufferedProtocol):
         # 1) bytes into the codec
         too_large: MessageTooLarge | None = None
         try:
-            frames = self.decoder.feed(self._buffer[:nbytes])  # a bytearray: one copy
+            frames = self.decoder.feed(_READ_BUFFER[:nbytes])  # a copy: the buffer is shared
         except MessageTooLarge as exc:  # the frames before it are answered, then we close
             frames, too_large = getattr(exc, "frames", []), exc
         self._handle_frames(frames, too_large)
@@ -196,9 +198,7 @@ class Connection(asyncio.BufferedProtocol):
             transport.write(out[0] if len(out) == 1 else b"".join(out))  # may pause_writing
             if self._backlog is not None and not self._writing_paused:
                 # all of it went to the socket at once: nothing will call resume_writing
-                loop = self.server._running_loop()
-                if loop is not None:
-                    loop.call_soon(self._resume_backlog)
+                asyncio.get_running_loop().call_soon(self._resume_backlog)
         out.clear()
         self._out_bytes = 0
 

@@ -9,7 +9,7 @@ from .lease import Lease
 from .pool import Pool
 
 
-def lease_document(pool: Pool, lease: Lease, token: str | None) -> dict[str, Any]:
+def lease_document(index: PropertyIndex, lease: Lease, token: str | None) -> dict[str, Any]:
     """The lease as a client sees it: ids, slots, groups and each instance's properties."""
     doc: dict[str, Any] = {
         "id": lease.id,
@@ -20,7 +20,7 @@ def lease_document(pool: Pool, lease: Lease, token: str | None) -> dict[str, Any
             for group in lease.groups
         ],
         "request": lease.request.to_wire(),
-        "properties": properties(pool, lease),
+        "properties": index.of(lease),
         "holder": dict(lease.holder),
     }
     if token is not None:
@@ -28,14 +28,27 @@ def lease_document(pool: Pool, lease: Lease, token: str | None) -> dict[str, Any
     return doc
 
 
-def properties(pool: Pool, lease: Lease) -> dict[str, dict[str, Any]]:
-    """{type: {id: properties}} of the leased instances that have any."""
-    props: dict[str, dict[str, Any]] = {}
-    node = pool.nodes[0] if pool.nodes else None
-    if node is None:
+class PropertyIndex:
+    """The properties of one pool's instances by (type, id), looked up once per leased
+    instance: a lease's cost must not grow with the size of the pool."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        node = pool.nodes[0] if pool.nodes else None
+        self._props: dict[tuple[str, str], Any] = {}
+        if node is not None:
+            for rtype, instances in node.resources.items():
+                for inst in instances:
+                    if inst.properties:
+                        self._props[rtype, inst.id] = inst.properties
+
+    def of(self, lease: Lease) -> dict[str, dict[str, Any]]:
+        """{type: {id: properties}} of the leased instances that have any."""
+        props: dict[str, dict[str, Any]] = {}
+        if not self._props:
+            return props
+        for s in lease.held:
+            found = self._props.get((s.type, s.id))
+            if found is not None:
+                props.setdefault(s.type, {})[s.id] = found
         return props
-    for s in lease.held:
-        inst = node.instance(s.type, s.id)
-        if inst is not None and inst.properties:
-            props.setdefault(s.type, {})[s.id] = inst.properties
-    return props

@@ -101,7 +101,6 @@ class Server(Service):
         self._turn_end_scheduled = False
         self._outbox: list[Connection] = []  # connections with frames queued this turn
         self._in_read = False  # inside Connection.buffer_updated: it schedules the turn end
-        self._loop: asyncio.AbstractEventLoop | None = None
         # op name -> handler, bound once (not a getattr and an f-string per message)
         self._ops = {op: getattr(self, f"op_{op}") for op in protocol.OPERATIONS}
 
@@ -202,49 +201,21 @@ class Server(Service):
     def _schedule_turn_end(self) -> None:
         if self._turn_end_scheduled or self._in_read:  # a read's end schedules it
             return
-        loop = self._running_loop()
-        if loop is None:  # no loop (start-up, shutdown, tests feeding bytes): now
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (start-up, shutdown, tests feeding bytes): now
             self._run_turn_end()
             return
         self._turn_end_scheduled = True
         loop.call_soon(self._run_turn_end)
 
-    def _running_loop(self) -> asyncio.AbstractEventLoop | None:
-        """The loop we serve on. Cached at start: `asyncio.get_running_loop()` costs a
-        getpid() system call each time, twice per lease cycle."""
-        loop = self._loop
-        if loop is not None and loop.is_running():
-            return loop
-        try:
-            return asyncio.get_running_loop()
-        except RuntimeError:
-            return None
-
     def _read_finished(self) -> None:
-        """A read (or a held-back part of one) is handled: end the turn if it left work."""
+        """A read (or a held-back part of one) is handled: end the turn if it left work.
+        One `call_soon` serves every read of this loop iteration (several busy clients:
+        one journal write and one log write for all of their calls)."""
         self._in_read = False
-        if (self._outbox or self._turn_end) and not self._turn_end_scheduled:
-            self._read_done()
-
-    def _read_done(self) -> None:
-        """A read's calls are handled and left turn-end work. When no other callback is
-        ready in this loop iteration, this IS the end of the turn: run it now. Else one
-        `call_soon` serves every read of this iteration (8 busy clients: ~5 reads a turn,
-        one journal write and one log write for all of them)."""
-        loop = self._running_loop()
-        if loop is None:
-            self._run_turn_end()
-            return
-        # `_ready` is asyncio's own queue of callbacks due this turn; a loop without one
-        # (another implementation) gets the plain call_soon.
-        if getattr(loop, "_ready", True):
-            self._turn_end_scheduled = True
-            loop.call_soon(self._run_turn_end)
-            return
-        try:
-            self._run_turn_end()
-        except Exception as exc:  # as from a callback: logged, and this connection lives on
-            loop.call_exception_handler({"message": "turn-end work failed", "exception": exc})
+        if self._outbox or self._turn_end:
+            self._schedule_turn_end()
 
     def _run_turn_end(self) -> None:
         self._turn_end_scheduled = True  # what these flushes queue is taken by this loop
@@ -312,7 +283,7 @@ class Server(Service):
 
     async def start(self, sock: socket.socket | None = None) -> None:
         """Listen on `sock` (inherited from systemd) or on a socket we create."""
-        loop = self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._on_loop_error)
         if self.state is not None:  # before anyone can connect
             restore_leases(self, self.state)

@@ -23,7 +23,7 @@ from typing import Any
 from . import protocol
 from .allocator import Allocator
 from .connection import Connection, Limits
-from .documents import lease_document
+from .documents import PropertyIndex, lease_document
 from .errors import (
     LimitExceeded,
     NotOwner,
@@ -75,6 +75,7 @@ class Service:
     waiting: set[Pending]
     uid_leases: Counter[int]
     uid_waiting: Counter[int]
+    _property_index: PropertyIndex | None = None
 
     def handle_frame(self, conn: Connection, frame: Any) -> None:
         rid: Any = None  # never echo an id parse_call did not accept (it may be anything)
@@ -521,7 +522,10 @@ class Service:
     def lease_document(self, lease: Lease, *, with_token: bool) -> dict[str, Any]:
         extras = self.extras.get(lease.id)
         token = extras.token if with_token and extras is not None else None
-        return lease_document(self.pool, lease, token)
+        index = self._property_index
+        if index is None or index.pool is not self.pool:  # a reload brings a new pool
+            index = self._property_index = PropertyIndex(self.pool)
+        return lease_document(index, lease, token)
 
 
 def _timeout_arg(value: Any) -> float | None:
