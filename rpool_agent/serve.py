@@ -59,7 +59,9 @@ def group_id(name: str | None, what: str) -> int | None:
         raise ConfigError(f"{what} {name!r}: no such group") from None
 
 
-def build_server(cfg: Any, reload_config: Callable[[], Any] | None = None) -> Any:
+def build_server(
+    cfg: Any, reload_config: Callable[[], Any] | None = None, *, forget_leases: bool = False
+) -> Any:
     """A configured, not yet started `Server` (pool loaded, limits, state store).
 
     `reload_config` gives the configuration a reload (SIGHUP, `reload`) loads the pool
@@ -88,7 +90,7 @@ def build_server(cfg: Any, reload_config: Callable[[], Any] | None = None) -> An
         notify=systemd.notify if os.environ.get("NOTIFY_SOCKET") else None,
         pool_loader=lambda: load_pool(reload_config() if reload_config else cfg, reloading=True),
         watchdog_interval=systemd.watchdog_interval(),
-        state=StateStore.for_dir(cfg.state_dir) if cfg.state_dir else None,
+        state=StateStore.for_dir(cfg.state_dir, forget=forget_leases) if cfg.state_dir else None,
         log_events=cfg.log_level in ("debug", "info"),
         gpu_health=gpu_health(cfg),
     )
@@ -109,7 +111,9 @@ def gpu_health(cfg: Any) -> Any:
     return GpuHealth(interval)
 
 
-def serve_main(config_path: str | None, given: dict[str, Any]) -> None:
+def serve_main(
+    config_path: str | None, given: dict[str, Any], *, forget_leases: bool = False
+) -> None:
     from . import systemd
     from .config import load_serve_config
     from .server import run_server
@@ -125,7 +129,11 @@ def serve_main(config_path: str | None, given: dict[str, Any]) -> None:
         # The socket systemd made is where clients are, and per-lease files go beside
         # it; a configured path (or the default, which may not even resolve) is moot.
         cfg = replace(cfg, socket=inherited_path(sock) or cfg.socket)
-    server = build_server(cfg.resolved(), lambda: load_serve_config(config_path, given))
+    server = build_server(
+        cfg.resolved(),
+        lambda: load_serve_config(config_path, given),
+        forget_leases=forget_leases,
+    )
     run_server(server, sock)
 
 

@@ -251,8 +251,15 @@ class StateStore:
     """The server's journal: `open` once at start, `start` with the kept leases, then a
     `record_*` per change and `flush` at the end of each loop turn."""
 
-    def __init__(self, directory: str | os.PathLike[str], compact_slack: int | None = None) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        compact_slack: int | None = None,
+        *,
+        forget: bool = False,
+    ) -> None:
         self.directory = Path(directory)
+        self.forget = forget  # `serve --forget-leases`: as if FORGET_NAME were there
         env = os.environ.get("RPOOL_AGENT_COMPACT_SLACK", "")
         self.compact_slack = compact_slack or (int(env) if env.isdigit() else COMPACT_SLACK)
         self.path = self.directory / FILE_NAME
@@ -275,8 +282,8 @@ class StateStore:
         self._log: Callable[[str], None] = lambda line: None
 
     @classmethod
-    def for_dir(cls, directory: str | os.PathLike[str]) -> StateStore:
-        return cls(directory)
+    def for_dir(cls, directory: str | os.PathLike[str], *, forget: bool = False) -> StateStore:
+        return cls(directory, forget=forget)
 
     @property
     def pending(self) -> bool:
@@ -298,7 +305,7 @@ class StateStore:
             if name.startswith(_TMP_PREFIX) and name.endswith(".tmp"):
                 with contextlib.suppress(OSError):
                     os.unlink(name, dir_fd=dir_fd)
-        forget = exists(FORGET_NAME, dir_fd)
+        forget = self.forget or exists(FORGET_NAME, dir_fd)
         try:
             fd = open_regular(FILE_NAME, dir_fd, os.O_RDONLY)
         except FileNotFoundError:
@@ -349,7 +356,8 @@ class StateStore:
         return ConfigError(
             f"state dir {self.directory}: {why}: the leases it recorded are lost, and their "
             f"jobs may still run. Refusing to start with no leases. Once those jobs are gone "
-            f"(or to take the risk), create {self.directory / FORGET_NAME} and start again."
+            f"(or to take the risk), create {self.directory / FORGET_NAME} and start again "
+            "(or start once with `serve --forget-leases`)."
         )
 
     def _forget(self, data: bytes | None, log: Callable[[str], None]) -> None:
@@ -358,9 +366,10 @@ class StateStore:
         aside = f"{FILE_NAME}.forgotten-{stamp()}"
         if data is not None:
             os.rename(FILE_NAME, aside, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
-        os.unlink(FORGET_NAME, dir_fd=self._dir_fd)
+        with contextlib.suppress(FileNotFoundError):  # `--forget-leases` needs none
+            os.unlink(FORGET_NAME, dir_fd=self._dir_fd)
         log(
-            f"state: {FORGET_NAME} found: starting with NO leases, as an admin asked"
+            "state: starting with NO leases, as an admin asked"
             + (f" (the old journal is kept as {aside})" if data is not None else "")
         )
 

@@ -146,6 +146,12 @@ def test_a_lost_journal_fails_closed_until_an_admin_says_to_forget(tmp_path: Pat
         assert len(list(state_dir.glob(f"{FILE_NAME}.forgotten-*"))) == 1
         assert c.acquire(gpus=4, timeout=0).id != lease.id  # the admin's choice
         c.close()
+        agent.kill()  # the same, said with the serve option instead of the file
+        (state_dir / FILE_NAME).unlink()
+        assert "--forget-leases" in serve_refuses(agent)
+        agent.cmd = [*agent.cmd, "--forget-leases"]
+        agent.restart()
+        assert held(agent) == {} and agent.log().count("as an admin asked") == 2
 
 
 @pytest.mark.parametrize("kind", ["fifo", "symlink"])

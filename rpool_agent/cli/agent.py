@@ -36,6 +36,13 @@ def declare_serve(p: argparse.ArgumentParser) -> None:
         " else a directory in /var/lib as root, in ~/.local/state for a user)",
     )
     p.add_argument(
+        "--forget-leases",
+        action="store_true",
+        default=None,
+        help="start with no leases even if the state dir's journal is lost or unreadable"
+        " (the agent refuses otherwise: their jobs may still run; docs/durability.md)",
+    )
+    p.add_argument(
         "--socket-group",
         metavar="GROUP",
         help="group that owns the socket: its members may lease",
@@ -92,9 +99,9 @@ def serve(args: argparse.Namespace) -> int:
 
     # Every other option of serve is a config file setting (config.py checks the names);
     # None, not given, lets the file's value show through.
-    not_settings = ("config", "handler", "command_parser")
+    not_settings = ("config", "handler", "command_parser", "forget_leases")
     given = {k: v for k, v in vars(args).items() if k not in not_settings and v is not None}
-    serve_main(args.config, given)
+    serve_main(args.config, given, forget_leases=bool(args.forget_leases))
     return 0
 
 
