@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .errors import RpoolAgentError
+from .errors import ConfigError, RpoolAgentError
 from .holders import Holder, LeaseExtras
 from .lease import Lease
 from .state import StateStore
@@ -60,7 +60,14 @@ def _adopt(server: Any, store: StateStore, rec: dict[str, Any], me: int) -> bool
     if holder.starttime is None or holder.pid == me:
         return False  # a holder we cannot tell from a recycled pid is not trusted
     owner = ("pid", holder.pid, holder.starttime)
-    fd = server.pids.watch(holder.pid, holder.starttime, owner)
+    try:
+        fd = server.pids.watch(holder.pid, holder.starttime, owner)
+    except OSError as exc:  # EMFILE and the like: says nothing about the holder, so the
+        # lease can be neither kept nor dropped safely: no start (fail closed)
+        raise ConfigError(
+            f"state: cannot watch process {holder.pid}, holder of lease {rec['id']}: "
+            f"{exc.strerror or exc} (raise LimitNOFILE?)"
+        ) from None
     if fd is None:
         return False
     try:  # the allocator's part of the record is checked here, once
@@ -71,7 +78,8 @@ def _adopt(server: Any, store: StateStore, rec: dict[str, Any], me: int) -> bool
         server.log(f"state: lease {rec['id']} not restored: {exc}")
         return False
     files = _lease_files(rec.get("files"))
-    server.extras[lease.id] = LeaseExtras(rec["token"], holder, files, fd)
+    server.extras[lease.id] = LeaseExtras(rec["token"], holder, files, fd, holder.uid)
+    server.uid_leases[holder.uid] += 1  # counts under the per-uid lease limit, as a grant
     store.note_restored(rec["token"], lease.id)
     return True
 
