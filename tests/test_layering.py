@@ -1,5 +1,8 @@
 """The module layering stays honest: imports point down, heavy modules stay off hot paths.
 
+The direction is declared (`LAYERS`) and every import of every module is checked against
+it, lazy ones included; a planted upward import in a synthetic graph must be caught.
+
 Read with `ast` (what a module imports at its top level), plus a few real interpreter runs
 for what a command actually loads, since a lazy import inside a function is fine but a
 transitive top-level one is not.
@@ -19,19 +22,34 @@ REPO = Path(__file__).resolve().parent.parent
 PKG = REPO / "rpool_agent"
 PROBES = REPO / "probes"
 
-#: The pure core: no sockets, no clock, no processes, no event loop.
-PURE = [
-    "errors",
+#: The layers, lowest first. A module may import its own layer and the layers its entry
+#: names, never a layer above. Modules not named here are the shell (server, client,
+#: handoff, detect, ...). Inside the core the order is the direction: each module may
+#: import only those listed before it. A package name ("formats") covers its modules.
+PROBES_LAYER = ("probes",)  # reads the hardware; knows nothing of rpool_agent
+BASE = ("_version", "errors", "yaml_problem")  # leaves: import nothing of ours
+#: The pure core: no sockets, no clock, no processes, no environment.
+CORE = (
     "pool",
     "requests",
+    "formats",
     "protocol",
     "lease",
     "placement",
     "tables",
     "waiters",
     "allocator",
-    "formats",
-]
+)
+TOP = ("", "cli")  # the package's facade (__init__) and the CLI: nothing imports them
+LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    # layer: (its modules, the layers below it that it may import)
+    "probes": (PROBES_LAYER, ()),
+    "base": (BASE, ()),
+    "core": (CORE, ("base", "probes.record")),
+    "shell": ((), ("probes", "base", "core")),
+    "top": (TOP, ("probes", "base", "core", "shell")),
+}
+
 IMPURE_MODULES = {
     "asyncio",
     "socket",
@@ -46,9 +64,164 @@ IMPURE_MODULES = {
 }
 
 
-def module_files(name: str) -> list[Path]:
-    path = PKG / name
-    return sorted(path.glob("*.py")) if path.is_dir() else [path.with_suffix(".py")]
+def module_name(path: Path) -> str:
+    """`rpool_agent/formats/ctest.py` -> "formats.ctest"; probes/x.py -> "probes.x"."""
+    rel = path.relative_to(REPO).with_suffix("")
+    parts = list(rel.parts[1:] if rel.parts[0] == "rpool_agent" else rel.parts)
+    if parts and parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def package_modules() -> dict[str, Path]:
+    paths = [*PKG.rglob("*.py"), *PROBES.rglob("*.py")]
+    return {module_name(p): p for p in paths if "__pycache__" not in p.parts}
+
+
+def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
+    """The package modules `path` imports anywhere (lazy imports too), by module name."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level:
+                up = package.split(".") if package else []
+                base = ".".join(up[: len(up) - (node.level - 1)])
+                mod = ".".join(x for x in (base, mod) if x)
+            # `from M import x`: the module M.x if there is one, else M itself
+            targets = []
+            for a in node.names:
+                sub = f"{mod}.{a.name}" if mod else a.name
+                short = sub.removeprefix("rpool_agent").removeprefix(".")
+                targets.append(sub if sub in known or short in known else mod)
+        else:
+            continue
+        for t in targets:
+            if t == "rpool_agent" or t.startswith("rpool_agent."):
+                t = t.removeprefix("rpool_agent").removeprefix(".")
+                if t.startswith("probes"):  # installed as rpool_agent.probes
+                    found.add("rpool_agent.probes")  # reaching into the package
+            if t in known and t != name:
+                found.add(t)
+    return found
+
+
+def covers(entry: str, name: str) -> bool:
+    return name == entry or (entry != "" and name.startswith(entry + "."))
+
+
+def layer_of(name: str) -> str:
+    for layer, (members, _) in LAYERS.items():
+        if any(covers(m, name) for m in members):
+            return layer
+    return "shell"
+
+
+def violations(graph: dict[str, set[str]]) -> list[str]:
+    """Every import in `graph` (module -> modules it imports) that points up or sideways
+    out of its layer, or up inside the core."""
+    out = []
+    for name, targets in sorted(graph.items()):
+        layer = layer_of(name)
+        below = LAYERS[layer][1]
+        for t in sorted(targets):
+            if t == "rpool_agent.probes":
+                out.append(f"{name} imports probes as rpool_agent.probes: probes stand alone")
+                continue
+            tl = layer_of(t)
+            if tl == layer:
+                if layer == "core" and core_rank(t) > core_rank(name):
+                    out.append(f"{name} imports {t}, which sits above it in the core")
+                continue
+            if tl in below or any(covers(b, t) for b in below):
+                continue
+            out.append(f"{name} ({layer}) imports {t} ({tl}): not a layer it may use")
+    return out
+
+
+def core_rank(name: str) -> int:
+    return next(i for i, m in enumerate(CORE) if covers(m, name))
+
+
+def real_graph() -> dict[str, set[str]]:
+    mods = package_modules()
+    return {n: imports_of(n, p, set(mods)) for n, p in mods.items()}
+
+
+def test_imports_point_down() -> None:
+    assert violations(real_graph()) == []
+
+
+def test_no_import_cycles() -> None:
+    graph = real_graph()
+    state: dict[str, int] = {}  # 1: on the path, 2: done
+
+    def visit(n: str, path: list[str]) -> None:
+        state[n] = 1
+        for t in sorted(graph.get(n, ())):
+            if state.get(t) == 1:
+                raise AssertionError("import cycle: " + " -> ".join([*path, n, t]))
+            if t not in state:
+                visit(t, [*path, n])
+        state[n] = 2
+
+    for n in sorted(graph):
+        if n not in state:
+            visit(n, [])
+
+
+@pytest.mark.parametrize(
+    ("graph", "expected"),
+    [
+        ({"allocator": {"pool", "lease", "errors"}, "pool": {"errors"}}, []),
+        ({"pool": {"allocator"}}, ["pool imports allocator, which sits above it in the core"]),
+        ({"protocol": {"server"}}, ["protocol (core) imports server (shell)"]),
+        ({"formats.ctest": {"client"}}, ["formats.ctest (core) imports client (shell)"]),
+        ({"probes.cpu": {"errors"}}, ["probes.cpu (probes) imports errors (base)"]),
+        ({"probes.cpu": {"rpool_agent.probes"}}, ["probes.cpu imports probes as rpool_agent"]),
+        ({"errors": {"pool"}}, ["errors (base) imports pool (core)"]),
+        ({"server": {"cli"}}, ["server (shell) imports cli (top)"]),
+        ({"client": {"cli.options"}}, ["client (shell) imports cli.options (top)"]),
+        ({"cli.agent": {"server", "probes.cpu", "allocator"}, "server": {"probes.sysfs"}}, []),
+        ({"pool": {"probes.record"}}, []),
+        ({"pool": {"probes.cpu"}}, ["pool (core) imports probes.cpu (probes)"]),
+    ],
+)
+def test_an_upward_import_is_caught(graph: dict[str, set[str]], expected: list[str]) -> None:
+    got = violations(graph)
+    assert len(got) == len(expected) and all(
+        g.startswith(e) for g, e in zip(got, expected, strict=True)
+    ), got
+
+
+def test_a_planted_upward_import_in_a_real_file_is_caught(tmp_path: Path) -> None:
+    """The reader, not only the rule: a module file that imports upward fails."""
+    path = tmp_path / "pool.py"
+    path.write_text("def f():\n    from .allocator import Allocator\n    from . import cli\n")
+    known = {"allocator", "cli", "pool"}
+    assert imports_of("pool", path, known) == {"allocator", "cli"}
+    assert len(violations({"pool": imports_of("pool", path, known)})) == 2
+
+
+def test_every_layer_member_exists() -> None:
+    names = set(package_modules())
+    for members, _ in LAYERS.values():
+        for m in members:
+            assert any(covers(m, n) for n in names), f"{m!r} is declared but not there"
+
+
+@pytest.mark.parametrize("name", CORE)
+def test_pure_core_does_no_io(name: str) -> None:
+    for mod, path in package_modules().items():
+        if not covers(name, mod):
+            continue
+        imported = {m.split(".")[0] for m in all_imports(path)}
+        assert not imported & IMPURE_MODULES, f"{path.name} imports {imported & IMPURE_MODULES}"
+        if name != "formats":  # formats reads and writes files by name
+            assert "os" not in imported, f"{path.name} imports os"
 
 
 def top_level_imports(path: Path) -> set[str]:
@@ -73,36 +246,6 @@ def all_imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             found.add(("." * node.level) + (node.module or ""))
     return found
-
-
-@pytest.mark.parametrize("name", PURE)
-def test_pure_core_does_no_io(name: str) -> None:
-    for path in module_files(name):
-        imported = {m.split(".")[0] for m in all_imports(path)}
-        assert not imported & IMPURE_MODULES, f"{path.name} imports {imported & IMPURE_MODULES}"
-
-
-def test_allocator_and_codec_do_not_touch_the_os() -> None:
-    for name in PURE:
-        if name in ("errors", "formats"):
-            continue
-        imported = {m.split(".")[0] for m in all_imports(PKG / f"{name}.py")}
-        assert "os" not in imported, name
-
-
-def test_probes_never_import_the_package() -> None:
-    for path in PROBES.glob("*.py"):
-        for mod in all_imports(path):
-            assert not mod.startswith("rpool_agent"), f"{path.name} imports {mod}"
-            assert not mod.startswith(".."), f"{path.name} reaches outside probes: {mod}"
-
-
-def test_nothing_imports_the_cli() -> None:
-    for path in PKG.rglob("*.py"):
-        if path.parent.name == "cli":
-            continue
-        for mod in all_imports(path):
-            assert mod not in (".cli", "rpool_agent.cli", "..cli"), path
 
 
 def test_pynvml_is_imported_lazily_only() -> None:
