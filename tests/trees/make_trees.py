@@ -173,6 +173,8 @@ class Tree:
             self.write("proc/self/cgroup", cgroup)
         if mountinfo is not None:
             self.write("proc/self/mountinfo", mountinfo)
+            if mounts is None:  # the kernel has both; hwloc reads only /proc/mounts
+                mounts, mounts_at = _mounts_of(mountinfo), "proc/mounts"
         if mounts is not None:
             self.write(mounts_at, mounts)
 
@@ -180,6 +182,8 @@ class Tree:
         """The process in the root cgroup of a pure v2 hierarchy at /sys/fs/cgroup."""
         self.write("proc/self/cgroup", "0::/")
         self.write("proc/self/mountinfo", V2_MOUNTINFO)
+        self.write("proc/mounts", _mounts_of(V2_MOUNTINFO))
+        self.write("sys/fs/cgroup/cgroup.controllers", V2_CONTROLLERS)
         self.write("sys/fs/cgroup/cpuset.cpus.effective", effective)
         self.write("sys/fs/cgroup/cpuset.mems.effective", mems)
 
@@ -205,6 +209,20 @@ def x86_cpuinfo(
         )
         for c in sorted(by_cpu)
     )
+
+
+V2_CONTROLLERS = "cpuset cpu io memory hugetlb pids rdma misc"
+
+
+def _mounts_of(mountinfo: str) -> str:
+    """/proc/mounts lines for mountinfo lines (the same mounts, without the root field)."""
+    out = []
+    for line in mountinfo.splitlines():
+        left, _, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        opts = fields[5] + ("," + tail[2] if len(tail) > 2 else "")
+        out.append(f"{tail[1]} {fields[4]} {tail[0]} {opts} 0 0")
+    return "\n".join(out) + "\n"
 
 
 V2_MOUNTINFO = "35 24 0:30 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 rw,nsdelegate\n"  # noqa: E501
@@ -264,6 +282,7 @@ def cgroup_v2_cpuset() -> None:
         mountinfo=V2_MOUNTINFO,
     )
     cg = "sys/fs/cgroup"
+    t.write(f"{cg}/cgroup.controllers", V2_CONTROLLERS)
     for where in ("", "/ci.slice", "/ci.slice/runner.service"):
         t.write(f"{cg}{where}/cpuset.mems.effective", "0")
     t.write(f"{cg}/cpuset.cpus.effective", "0-15")
@@ -395,6 +414,7 @@ def cgroupns() -> None:
         mountinfo=V2_MOUNTINFO.replace(" / /sys/fs/cgroup ", " /../.. /sys/fs/cgroup "),
     )
     cg = "sys/fs/cgroup"
+    t.write(f"{cg}/cgroup.controllers", V2_CONTROLLERS)
     t.write(f"{cg}/cpuset.cpus.effective", "0-5")  # the host's root: 6-7 isolated
     t.write(f"{cg}/cpuset.mems.effective", "0")
     t.write(f"{cg}/kubepods.slice/pod-7f3a/cpuset.cpus.effective", "1-2,5-6")
