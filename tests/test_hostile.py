@@ -282,6 +282,38 @@ def test_every_acquire_counts_under_the_uid_caps_empty_ones_too(
         wait_until(lambda: _answers(agent.socket))
 
 
+def test_leases_restored_after_a_restart_count_under_the_uid_caps(
+    public_dir: Path,  # noqa: F811
+    second_user: Any,  # noqa: F811
+) -> None:
+    caps = config(public_dir, max_leases_per_uid=2)
+    args = ("--socket-group", str(second_user.pw_gid), "--config", caps)
+    with running_agent(public_dir, gpu_pool(1), *args) as agent:
+
+        def hold_two(report: Any) -> None:
+            holder = subprocess.Popen(["sleep", "300"], start_new_session=True)
+            with Client(agent.socket, reconnect_timeout=0) as c:
+                for _ in range(2):
+                    c.acquire({}, holder_pid=holder.pid)
+            report(holder.pid)
+
+        def one_more(report: Any) -> None:
+            with Client(agent.socket, reconnect_timeout=0) as c:
+                try:
+                    report(c.acquire({}).id)
+                except LimitExceeded as exc:
+                    report(str(exc))
+
+        holder = as_user(second_user, hold_two)
+        try:
+            agent.kill()
+            agent.restart()
+            assert len(agent.status()["leases"]) == 2  # both re-adopted
+            assert as_user(second_user, one_more).startswith("too many leases")
+        finally:
+            os.kill(holder, signal.SIGKILL)
+
+
 def _answers(path: str) -> bool:
     try:
         with Client(path, reconnect_timeout=0) as c:
