@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-#: "<controller pid> <agent socket>": the agent the controller chose, for its workers only.
+#: "<controller pid> <socket>": where the controller's workers (and no other process) take
+#: their process leases: the run's private agent, or the agent the controller chose.
 CONTROLLER_ENV = "RPOOL_PYTEST_CONTROLLER"
 PRIVATE = "private"
 
@@ -25,6 +26,8 @@ class UsageProblem(Exception):
 
 
 # --- options ----------------------------------------------------------------------------------
+
+
 class Settings:
     """What the options and ini keys ask for (options win)."""
 
@@ -110,7 +113,7 @@ class ProcessRun:
         self.lease: Any = None
         self.controller = False
         self.serving: Any = None  # controller: PrivateAgent serving the run lease to workers
-        self.workers_client: Any = None
+        self.workers_client: Any = None  # to the agent the workers lease from
         self.notes: list[str] = []  # a private agent's complaints at start
         self.broken = ""  # a worker that could not take its lease: why
         self._saved_env: dict[str, str] | None = None
@@ -183,7 +186,11 @@ class ProcessRun:
         """Before conftest.py is imported: the lone process's or worker's lease; the
         controller's agent (its workers' leases wait for their count, in configure)."""
         assert self.settings is not None
-        if self.worker is None and _distributing(self.config.known_args_namespace):
+        if self.worker is not None:  # the agent for markers is connected when one is met
+            if self.settings.request:
+                self._take_process_lease()
+            return
+        if _distributing(self.config.known_args_namespace):
             self.controller = True
             self.connect(may_start=True)
             self._save_env()
@@ -196,10 +203,9 @@ class ProcessRun:
 
                 os.environ["CUDA_VISIBLE_DEVICES"] = NO_GPUS
             return
-        self.connect(may_start=self.worker is None)
-        if self.worker is None:  # what a test's own `rpool-agent run` should ask too
-            self._save_env()
-            os.environ["RPOOL_AGENT_SOCKET"] = str(self.socket)
+        self.connect(may_start=True)
+        self._save_env()  # the agent a test's own `rpool-agent run` should ask too:
+        os.environ["RPOOL_AGENT_SOCKET"] = str(self.socket)
         if self.settings.request:
             self._take_process_lease()
 
@@ -210,7 +216,7 @@ class ProcessRun:
 
         assert self.settings is not None
         client = self.client
-        if self.lease_socket and self.lease_socket != self.socket:
+        if self.worker is not None:  # from where the controller said
             client = self.workers_client = Client(self.lease_socket).connect()
         owner = f"pytest[{os.getppid()}] {self.worker}" if self.worker else f"pytest[{os.getpid()}]"
         with Terminal(self.config) as say:
