@@ -62,7 +62,7 @@ COMMANDS = sorted(entries(WIDE, "commands"))
 
 def test_the_command_set() -> None:
     expected = {"detect", "validate", "convert", "serve", "run", "acquire", "release"}
-    expected |= {"status", "drain", "undrain", "reload", "install-units"}
+    expected |= {"status", "drain", "undrain", "reload", "install-units", "export", "job"}
     assert set(COMMANDS) == expected
 
 

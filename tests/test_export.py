@@ -469,3 +469,56 @@ def test_flux_r_with_gpus_and_a_lifetime(tmp_path: Path, r_validator) -> None:
     assert r["execution"]["R_lite"] == [{"rank": "7", "children": {"core": "0-47", "gpu": "0-3"}}]
     assert r["execution"]["nodelist"] == ["dgx"]
     assert r["execution"]["expiration"] > r["execution"]["starttime"]
+
+
+# --- the command line --------------------------------------------------------------------
+
+CLI = [sys.executable, "-m", "rpool_agent.cli"]
+
+
+def test_export_slurm_command_prints_the_export_and_its_notes(tmp_path: Path) -> None:
+    tree = TREES / "cgroup_v2_cpuset"
+    done = subprocess.run(
+        [*CLI, "export", "slurm", "--sysroot", str(tree)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    out = slurm_export(topology_report(tree))
+    assert done.stdout == out.text()
+    assert all(f"rpool-agent: {n}\n" in done.stderr for n in out.notes)
+    target = tmp_path / "node.conf"
+    done = subprocess.run(
+        [*CLI, "export", "slurm", "--sysroot", str(tree), "-o", str(target)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0 and done.stdout == "" and target.read_text() == out.text()
+
+
+def test_export_flux_command_is_one_r_document(r_validator) -> None:
+    tree = TREES / "two_socket_ht"
+    done = subprocess.run(
+        [*CLI, "export", "flux", "--sysroot", str(tree), "--rank", "5"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("\n") == 1  # one line: R files are compact JSON
+    r = json.loads(done.stdout)
+    assert list(r_validator.iter_errors(r)) == []
+    assert r == flux_r(topology_report(tree), rank=5)
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "says"),
+    [
+        (["export", "lsf"], 2, "invalid choice: 'lsf'"),
+        (["export"], 2, "the following arguments are required"),
+        (["export", "flux", "--rank", "-1"], 2, "expected a whole number >= 0"),
+        (["export", "slurm", "--sysroot", "/nonexistent"], 1, "is not a directory"),
+    ],
+)
+def test_export_refuses_in_one_line(argv: list[str], code: int, says: str) -> None:
+    done = subprocess.run([*CLI, *argv], capture_output=True, text=True)
+    assert done.returncode == code
+    assert says in done.stderr.splitlines()[-1] and "Traceback" not in done.stderr
+    assert done.stdout == ""

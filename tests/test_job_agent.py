@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +52,16 @@ import os, sys
 os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(",")})
 from rpool_agent.job_agent import run_job
 sys.exit(run_job(sys.argv[2:]))
+"""
+# The wrapper as the CLI runs it: its error is one line and exit status 125.
+LAUNCH_ANY = r"""
+import sys
+from rpool_agent.job_agent import JobAgentError, run_job
+try:
+    sys.exit(run_job(sys.argv[1:]))
+except JobAgentError as exc:
+    print(f"rpool-agent: {exc}", file=sys.stderr)
+    sys.exit(exc.exit_code)
 """
 
 
@@ -122,17 +131,23 @@ def test_job_agent_without_gpus_and_with_all_cpus(tmp_path: Path) -> None:
 
 
 def test_job_agent_that_cannot_start_runs_nothing(tmp_path: Path) -> None:
-    from rpool_agent.job_agent import JobAgentError, run_job
-
+    """A job TMPDIR so deep that no Unix socket fits under it: the agent cannot listen,
+    the wrapper says why in one line, exits 125, and never runs the command."""
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
     marker = tmp_path / "ran"
-    with pytest.raises(JobAgentError, match="exited with status"):
-        run_job(
-            [sys.executable, "-c", f"open({str(marker)!r}, 'w')"],
-            serve_args=["--pool", str(tmp_path / "missing.yaml")],
-            env={**os.environ, "TMPDIR": str(tmp_path)},
-        )
+    env = {k: v for k, v in os.environ.items() if k != "RPOOL_AGENT_SOCKET"}
+    done = subprocess.run(
+        [sys.executable, "-c", LAUNCH_ANY, sys.executable, "-c", f"open({str(marker)!r}, 'w')"],
+        env={**env, "TMPDIR": str(deep)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 125, done.stderr
+    assert "the job's agent" in done.stderr and "Traceback" not in done.stderr
     assert not marker.exists()
-    assert [p for p in tmp_path.iterdir() if p.name.startswith("rpool-job.")] == []
+    assert list(deep.iterdir()) == []
 
 
 def test_job_agent_passes_sigterm_to_the_command(tmp_path: Path) -> None:
@@ -162,7 +177,7 @@ def test_job_agent_passes_sigterm_to_the_command(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert [p for p in tmp_path.iterdir() if p.name.startswith("rpool-job.")] == []
+    assert [p for p in tmp_path.iterdir() if p.name.startswith("rpool-private-")] == []
 
 
 def wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
@@ -177,12 +192,39 @@ def wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float = 60) -> 
         select.select([], [], [], 0.02)
 
 
-def test_private_directory_is_the_jobs_own(tmp_path: Path) -> None:
-    from rpool_agent.job_agent import job_tmpdir
+def test_job_command_shares_the_allocation_among_concurrent_runs(tmp_path: Path) -> None:
+    """The recipe of packaging/slurm/ci-job.sbatch, for real: `rpool-agent job` around a
+    shell that starts two `rpool-agent run` at once; each gets its own CPU of the job's."""
+    here = sorted(os.sched_getaffinity(0))
+    if len(here) < 2:
+        pytest.skip("needs two usable CPUs for two concurrent leases")
+    cli = [sys.executable, "-m", "rpool_agent.cli"]
+    run = " ".join([*cli, "run", "--cpus", "1", "--timeout", "60", "--"])
+    go = tmp_path / "go"  # each holder keeps its CPU until both hold one
+    hold = f"sh -c 'echo $RPOOL_CPU_IDS > {tmp_path}/$0; until [ -e {go} ]; do sleep 0.01; done'"
+    script = (
+        f"{run} {hold} a & a=$!; {run} {hold} b & b=$!; "
+        f"while [ ! -s {tmp_path}/a ] || [ ! -s {tmp_path}/b ]; do sleep 0.01; done; "
+        f"touch {go}; wait $a && wait $b"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RPOOL_AGENT_SOCKET"}
+    done = subprocess.run(
+        [*cli, "job", "--", "sh", "-c", script],
+        env={**env, "TMPDIR": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    held = {(tmp_path / n).read_text().strip() for n in ("a", "b")}
+    assert held == {str(here[0]), str(here[1])}  # both at once, never the same CPU
 
-    flux = tmp_path / "flux"
-    flux.mkdir()
-    assert job_tmpdir({"FLUX_JOB_TMPDIR": str(flux), "TMPDIR": "/nonexistent"}) == str(flux)
-    assert job_tmpdir({"TMPDIR": str(tmp_path)}) == str(tmp_path)
-    assert os.path.isdir(job_tmpdir({"TMPDIR": str(tmp_path / "missing")}))
-    assert stat.S_ISDIR(os.stat(job_tmpdir({})).st_mode)
+
+def test_job_command_usage() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "rpool_agent.cli", "job"], capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert (
+        done.stderr.splitlines()[-1] == "rpool-agent job: error: no command given (put it after --)"
+    )

@@ -6,7 +6,7 @@ room for typer's import, which once made us parse those two a second time by han
 argparse is in the standard library and loads in a fraction of that; its help wraps text
 but never cuts an option name.
 
-Each command module (`pools`, `leases`, `agent`, `units`) lists its commands in
+Each command module (`pools`, `leases`, `agent`, `cluster`, `units`) lists its commands in
 COMMANDS: a `Command` names a function that declares its options and one that runs it.
 A new command is an entry there, or a new module whose COMMANDS join the list below.
 Command bodies import what they need when they run, so `detect` never pays for the
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 
-from . import agent, leases, pools, units
+from . import agent, cluster, leases, pools, units
 from .options import PROG, UsageError, add_command, new_parser
 
 TYPE_CHECKING = False
@@ -26,7 +26,13 @@ if TYPE_CHECKING:
     import argparse
 
 #: Every command, in the order `--help` lists them.
-COMMANDS = (*pools.COMMANDS, *leases.COMMANDS, *agent.COMMANDS, *units.COMMANDS)
+COMMANDS = (
+    *pools.COMMANDS,
+    *leases.COMMANDS,
+    *agent.COMMANDS,
+    *cluster.COMMANDS,
+    *units.COMMANDS,
+)
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
