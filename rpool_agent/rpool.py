@@ -44,6 +44,7 @@ __all__ = [
     "ResourcePool",
     "ResourceUnavailable",
     "make_resource_pool",
+    "resource_pool_schema",
 ]
 
 ResourceSpec = list[dict[str, Any]]
@@ -348,6 +349,24 @@ class ResourcePool:
                 )
         for (rtype, rid), slots in returning.items():
             current[rtype, rid]["slots"] += slots
+
+
+class PoolSchema:
+    """canary's `resource_pool_schema` (canary-wm <= 26.4, `_canary/resource_pool/schemas.py`):
+    `validate(data)` returns the flat document canary works with, shorthand counts
+    (`{"cpus": 2}`) expanded, ids as strings, `slots` defaulted, `additional_properties`
+    present. A document without resources, or malformed, raises `PoolFormatError` (a
+    ValueError; canary's raises the `schema` library's SchemaError, a dependency we do not
+    take for one class)."""
+
+    def validate(self, data: Any) -> dict[str, Any]:
+        if isinstance(data, Mapping) and not set(data) - {"additional_properties"}:
+            raise PoolFormatError("missing key: resources")
+        resources, additional = _flat_document(data)
+        return {"additional_properties": additional, "resources": resources}
+
+
+resource_pool_schema = PoolSchema()
 
 
 def make_resource_pool(config: Any) -> ResourcePool:

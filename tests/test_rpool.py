@@ -495,3 +495,22 @@ def test_make_resource_pool_bad_file_is_a_pool_format_error(tmp_path: Path) -> N
     bad.write_text(yaml.safe_dump({"resource_pool": {"resources": {"gpus": [{"slots": -1}]}}}))
     with pytest.raises(errors.RpoolAgentError, match=r"bad\.yaml"):
         make_resource_pool(bad)
+
+
+@pytest.mark.parametrize(
+    ("data", "says"),
+    [
+        ({}, "missing key: resources"),
+        ({"additional_properties": {}}, "missing key: resources"),
+        ({"cpus": -1}, "cpus: expected a count"),
+        ({"resources": {"gpus": [{"slots": 1}]}}, "expected a mapping with an id"),
+        ([], "expected a mapping"),
+    ],
+)
+def test_resource_pool_schema_refuses_what_canarys_refuses(data: object, says: str) -> None:
+    """canary's own test of the schema's happy path runs in tests/canary; these are the
+    documents its schema refuses (with SchemaError; ours with PoolFormatError)."""
+    from rpool_agent.rpool import resource_pool_schema
+
+    with pytest.raises(errors.PoolFormatError, match=says):
+        resource_pool_schema.validate(data)
