@@ -41,6 +41,7 @@ __all__ = [
     "load_file",
     "parse_document",
     "parse_text",
+    "read_text",
     "render",
     "to_document",
 ]
@@ -193,7 +194,8 @@ def check_text(text: str, *, format: str = "auto", source: str | None = None) ->
 MAX_FILE_BYTES = 64 * 1024 * 1024
 
 
-def _read(path: str | os.PathLike[str]) -> str:
+def read_text(path: str | os.PathLike[str]) -> str:
+    """A pool file's text (at most MAX_FILE_BYTES); PoolFormatError naming the file."""
     try:
         with open(path, encoding="utf-8") as fh:
             text = fh.read(MAX_FILE_BYTES + 1)
@@ -210,7 +212,7 @@ def _read(path: str | os.PathLike[str]) -> str:
 def check_file(path: str | os.PathLike[str], *, format: str = "auto") -> Checked:
     """Read and check a pool file; unreadable files become one problem, not an exception."""
     try:
-        text = _read(path)
+        text = read_text(path)
     except PoolFormatError as exc:
         return Checked(format, None, [exc])
     return check_text(text, format=format, source=str(path))
