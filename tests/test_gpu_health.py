@@ -35,7 +35,7 @@ def gpus(n: int) -> list[dict[str, object]]:
 
 @contextmanager
 def agent(
-    tmp_path: Path, lib: Path, conf: Path, config_yaml: str = ""
+    tmp_path: Path, lib: Path, conf: Path, config_yaml: str = "", *args: str
 ) -> Iterator[tuple[str, Path]]:
     """A detecting agent; yields its socket and its log file."""
     sock, log = str(tmp_path / "a.sock"), tmp_path / "a.log"
@@ -45,7 +45,7 @@ def agent(
     env["FAKE_NVML_CONTROL"] = str(tmp_path / "control")
     env["FAKE_NVML_LOG"] = str(tmp_path / "calls")
     cmd = [sys.executable, "-m", "rpool_agent.cli", "serve", "--socket", sock]
-    cmd += ["--state-dir", str(tmp_path / "state"), "--config", str(cfg)]
+    cmd += ["--state-dir", str(tmp_path / "state"), "--config", str(cfg), *args]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
@@ -104,7 +104,7 @@ def test_failed_gpu_is_drained_its_holder_keeps_it_and_it_comes_back(
 def test_an_admin_drain_is_not_lifted_by_the_poller(fake_nvml_dir: Path, tmp_path: Path) -> None:
     conf = nf.write_config(tmp_path / "nvml.conf", gpus(2))
     with (
-        agent(tmp_path, fake_nvml_dir, conf, "gpu_health_interval: 0.05\n") as (sock, _),
+        agent(tmp_path, fake_nvml_dir, conf, "", "--gpu-health-interval", "0.05") as (sock, _),
         Client(sock) as admin,  # the tests run as root: root may drain
     ):
         admin.drain("gpus:1", "maintenance")

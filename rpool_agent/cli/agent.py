@@ -77,6 +77,13 @@ def declare_serve(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="how long a new connection may stay silent before it is closed",
     )
+    p.add_argument(
+        "--gpu-health-interval",
+        type=number(float, 0, "a number of seconds >= 0"),
+        metavar="SECONDS",
+        help="seconds between GPU health polls (default: 30 for a detected pool, off with"
+        " a pool file; 0: off); a GPU that fails is drained until it answers again",
+    )
 
 
 def declare_drain(p: argparse.ArgumentParser) -> None:
