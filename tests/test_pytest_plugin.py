@@ -36,7 +36,8 @@ import json, os, time
 
 def record(**extra):
     rec = {"pid": os.getpid(), "run": os.environ.get("RUN", ""),
-           "cvd": os.environ.get("CUDA_VISIBLE_DEVICES"), **extra}
+           "cvd": os.environ.get("CUDA_VISIBLE_DEVICES"),
+           "aff": sorted(os.sched_getaffinity(0)), **extra}
     with open(os.environ["RECORD"], "a") as fh:
         fh.write(json.dumps(rec) + "\\n")
 """
@@ -200,8 +201,9 @@ def pytest_sessionfinish():
 
 
 def test_sigkilled_worker_lease_is_reaped_for_its_replacement(tmp_path: Path) -> None:
-    """A worker SIGKILLed mid-test frees its GPU at once; xdist's replacement worker is
-    granted that GPU (the other one stays held by the surviving worker), and the run ends."""
+    """A worker SIGKILLed mid-test frees its GPU and cpu at once; xdist's replacement
+    worker is granted them (the others stay held by the surviving worker), and the run
+    ends. Each worker's affinity is its one leased cpu."""
     tests = (
         TESTS.format(n=4, sleep=0.05)
         + """
@@ -216,7 +218,7 @@ def test_killed():
     with running_agent(tmp_path, gpu_pool(2, 2)) as agent:
         root = project(tmp_path, "k", tests, conftest=CONFTEST + HOLD_UNTIL_REPLACED)
         env = inner_env(tmp_path, agent.socket, "k")
-        out = finish(start(root, env, "-n", "2", "--rpool-gpus", "1"), root)
+        out = finish(start(root, env, "-n", "2", "--rpool-gpus", "1", "--rpool-cpus", "1"), root)
     assert "crashed" in out and "1 failed, 4 passed" in out, out
     recs = records(tmp_path)
     [killed] = [r for r in recs if r["event"] == "killed"]
@@ -226,6 +228,8 @@ def test_killed():
     assert len(imports) == 3  # two workers, then the replacement
     replacement = imports[-1]
     assert replacement["pid"] != killed["pid"] and replacement["cvd"] == killed["cvd"]
+    assert replacement["aff"] == killed["aff"] and len(killed["aff"]) == 1  # its cpu too
+    assert imports[0]["aff"] != imports[1]["aff"] and len(imports[0]["aff"]) == 1
     assert overlaps(recs) == []
 
 
