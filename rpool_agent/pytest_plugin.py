@@ -118,6 +118,15 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError(run.failure(exc)) from None
 
 
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """`-n auto --rpool-gpus N`: as many workers as the pool has room for at once."""
+    run = config.stash.get(_RUN, None)
+    if run is None or not run.controller or os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # xdist's own rule
+    return run.auto_workers()
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     run = config.stash.get(_RUN, None)
     return run.header() if run is not None else []

@@ -285,13 +285,30 @@ class ProcessRun:
         if problem:
             raise UsageProblem(problem)
 
+    def _rooms(self) -> dict[str, int]:
+        """Per requested type: the slots the pool has, less drained ones."""
+        assert self.settings is not None
+        types = self.client.status().get("types") or {}
+        out = {}
+        for rtype in self.settings.request:
+            t = types.get(rtype) or {}
+            out[rtype] = t.get("total", 0) - t.get("drained", 0)
+        return out
+
+    def auto_workers(self) -> int | None:
+        """`-n auto`: as many workers as the pool can hold leases for at once (GPU tests
+        are bound by GPUs, not by the cpu count xdist would use); None without a request."""
+        assert self.settings is not None
+        request = self.settings.request
+        if not request:
+            return None
+        return max(1, min(room // request[rtype] for rtype, room in self._rooms().items()))
+
     def _too_many(self, workers: int) -> str:
         """Why `workers` leases of the request cannot all be held at once ("" if they can)."""
         assert self.settings is not None
-        types = self.client.status().get("types") or {}
-        for rtype, n in self.settings.request.items():
-            t = types.get(rtype) or {}
-            room = t.get("total", 0) - t.get("drained", 0)
+        for rtype, room in self._rooms().items():
+            n = self.settings.request[rtype]
             if workers * n > room:
                 return (
                     f"{workers} workers x {rtype}:{n} need {workers * n} {rtype} slots at once "

@@ -308,23 +308,24 @@ def test_private_agent_shared_by_workers_and_gone_after(
     tmp_path: Path, fake_nvml_dir: Path
 ) -> None:
     """No agent answers: the controller starts one on the detected pool (the fake NVML's
-    one GPU), `--rpool-slots-per-gpu 2` lets 2 workers share it, and after the run neither
-    the agent process nor its directory is left."""
-    root = project(tmp_path, "p", TESTS.format(n=2, sleep=0.05), conftest=PRIVATE_CONFTEST)
+    one GPU), `--rpool-slots-per-gpu 3` lets 3 workers share it (`-n auto`: as many
+    workers as the pool has room for, not one per cpu), and after the run neither the
+    agent process nor its directory is left."""
+    root = project(tmp_path, "p", TESTS.format(n=3, sleep=0.05), conftest=PRIVATE_CONFTEST)
     env = inner_env(
         tmp_path, str(tmp_path / "nobody.sock"), "p", **nvml_env(tmp_path, fake_nvml_dir, 1)
     )
-    args = ("-n", "2", "--rpool-gpus", "1", "--rpool-slots-per-gpu", "2")
+    args = ("-n", "auto", "--rpool-gpus", "1", "--rpool-slots-per-gpu", "3")
     out = finish(start(root, env, *args), root)
-    assert "2 passed" in out, out
+    assert "3 passed" in out and "created: 3/3 workers" in out, out
     assert "rpool: private agent (pid " in out and "nobody.sock" in out, out
     recs = records(tmp_path)
     agents = {(r["agent_pid"], r["socket"]) for r in recs if r["event"] == "agent"}
-    assert len(agents) == 1  # one agent for both workers
+    assert len(agents) == 1  # one agent for all the workers
     [(pid, socket)] = agents
     assert gone(pid) and not os.path.exists(os.path.dirname(socket))
     cvds = sorted(r["cvd"] for r in recs if r["event"] == "conftest")
-    assert cvds == ["-1", "0", "0"]  # the controller's, then both workers on GPU 0
+    assert cvds == ["-1", "0", "0", "0"]  # the controller's, then 3 workers on GPU 0
 
 
 def test_private_agent_never_outlives_its_starter(tmp_path: Path) -> None:
