@@ -176,7 +176,8 @@ def node_layout(report: dict[str, Any]) -> Layout:
             " ThreadsPerCore=1, one CPU per core, so every core is scheduled but not its"
             f" extra threads. `slurmd -C` prints CPUs={pus} ThreadsPerCore={slurmd[2]},"
             " which do not multiply up; Slurm 23.02 and later drop Intel E-cores"
-            " themselves (then configure only the cores with the most threads)"
+            " themselves unless SlurmdParameters=allow_ecores (then configure only the"
+            " cores with the most threads)"
         )
     if len(set(per_socket.values())) == 1:
         sockets, per = n_sockets, total // n_sockets

@@ -9,6 +9,7 @@ GPUs are the fake libnvidia-ml.so.1 (no GPU here).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -228,3 +229,55 @@ def test_job_command_usage() -> None:
     assert (
         done.stderr.splitlines()[-1] == "rpool-agent job: error: no command given (put it after --)"
     )
+
+
+def test_agent_goes_when_the_wrapper_is_sigkilled(tmp_path: Path) -> None:
+    """No agent outlives its job: SIGKILL the wrapper (the scheduler's last word) and the
+    private agent notices its pipe close and stops."""
+    import signal
+    import time
+
+    ready = tmp_path / "ready"
+    script = (
+        "import os, pathlib, time\n"
+        f"pathlib.Path({str(ready)!r}).write_text("
+        "f\"{os.getpid()} {os.environ['RPOOL_AGENT_SOCKET']}\")\n"
+        "time.sleep(120)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RPOOL_AGENT_SOCKET"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LAUNCH_ANY, sys.executable, "-c", script],
+        env={**env, "TMPDIR": str(tmp_path)},
+    )
+    wait_for(ready, proc)
+    command_pid, sock = ready.read_text().split(" ", 1)
+    directory = os.path.dirname(sock)
+    agents = [p for p in Path("/proc").iterdir() if p.name.isdigit() and directory in cmdline(p)]
+    assert len(agents) == 1, agents
+    agent = agents[0]
+    try:
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while alive(agent):
+            assert time.monotonic() < deadline, "the job's agent outlived its wrapper"
+            time.sleep(0.02)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(command_pid), signal.SIGKILL)
+
+
+def cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def alive(proc: Path) -> bool:
+    """Running, not gone and not a zombie waiting for a reaper."""
+    try:
+        state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
