@@ -59,6 +59,7 @@ def run_in_lease(
     lease = client.acquire(
         wanted, timeout=timeout, label=label or shlex.join(cmd)[:200], files=True
     )
+    _check_pool_placeholders(cmd, lease.resources)
     env = lease.env()
     files = lease.files
     argv = substitute_args(cmd, files) if files is not None else list(cmd)
@@ -75,6 +76,20 @@ def run_in_lease(
         print(f"rpool-agent: cannot run {argv[0]!r}: {exc.strerror}", file=sys.stderr)
         return 127 if isinstance(exc, FileNotFoundError) else 126
     return 0  # pragma: no cover - execvpe does not return
+
+
+def _check_pool_placeholders(cmd: list[str], resources: dict[str, Any]) -> None:
+    """Refuse `{pool}`/`{pool_nodes}` for a lease without cpus: canary gives every test at
+    least one cpu, so a pool with none runs nothing ("no jobs to run", exit 7), and the
+    command would seem to fail for reasons of its own."""
+    if resources.get("cpus"):
+        return
+    for token in ("{pool_nodes}", "{pool}"):
+        if any(token in arg for arg in cmd):
+            raise RequestError(
+                f"{token}: this lease holds no cpus, and canary runs no test on a pool"
+                " without them: lease some too (--cpus N, or cpus in --request)"
+            )
 
 
 def set_affinity(cpus: list[int]) -> None:

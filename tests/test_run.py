@@ -261,6 +261,23 @@ def test_bad_requests_fail_in_one_line(shared: Agent, args: list[str], says: str
     assert says.lower() in one_line_error(proc).lower()
 
 
+@pytest.mark.parametrize("token", ["{pool_nodes}", "{pool}"])
+def test_a_canary_pool_for_a_lease_without_cpus_is_refused_with_the_reason(
+    shared: Agent, token: str
+) -> None:
+    """canary runs no test on a pool without cpus ("no jobs to run", exit 7): the README's
+    `run --gpus 2 -- canary ... {pool_nodes}` failed so, looking like canary's fault."""
+    proc = rpool(shared, "run", "--gpus", "1", "--", "echo", f"--resource-pool-file={token}")
+    assert proc.returncode == 125 and proc.stdout == ""
+    assert one_line_error(proc) == (
+        f"rpool-agent: {token}: this lease holds no cpus, and canary runs no test on a pool"
+        " without them: lease some too (--cpus N, or cpus in --request)"
+    )
+    assert lease_ids(shared) == []  # the lease went with the refusal
+    ok = rpool(shared, "run", "--gpus", "1", "--cpus", "1", "--", "test", "-s", token)
+    assert ok.returncode == 0, ok.stderr
+
+
 @pytest.mark.parametrize(
     "args",
     [
