@@ -92,8 +92,8 @@ def declare_drain(p: argparse.ArgumentParser) -> None:
         "--reason",
         default="",
         metavar="TEXT",
-        help="why (e.g. 'ECC errors, ticket 123'): in the agent's log and in"
-        " `status --json` until undrained",
+        help="why (e.g. 'ECC errors, ticket 123'): shown by `status` until undrained,"
+        " and logged",
     )
 
 
