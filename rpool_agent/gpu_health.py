@@ -80,6 +80,9 @@ class GpuHealth:
             except NvmlUnavailable as exc:
                 server.log(f"GPU health: not polling ({exc})")
                 return
+            except Exception as exc:  # a poll that breaks must not end the polling
+                server.log(f"GPU health: poll failed ({type(exc).__name__}: {exc})")
+                continue
             self.apply(server, targets, failed)
 
     def apply(
