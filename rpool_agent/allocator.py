@@ -458,15 +458,15 @@ class Allocator:
                 inst.used += slots
                 left = inst.slots - inst.used
                 free.set(pos, left if left > 0 else 0)
-        lease = Lease._granted(
-            lease_id,
-            owner,
-            shape.request,
-            shape.grouped(slices),
-            label,
-            holder,
-            now,
-            tuple(held),
+        lease = Lease(
+            id=lease_id,
+            owner=owner,
+            request=shape.request,
+            groups=shape.grouped(slices),
+            label=label,
+            holder=holder or {},
+            granted_at=now,
+            held=tuple(held),
         )
         self._leases[lease_id] = lease
         mine = self._owner_leases.get(owner)

@@ -56,33 +56,6 @@ class Lease:
             held = tuple(Slice(t, i, n) for (t, i), n in summed.items())
             object.__setattr__(self, "held", held)
 
-    @classmethod
-    def _granted(
-        cls,
-        id: str,
-        owner: OwnerKey,
-        request: Request,
-        groups: tuple[tuple[Slice, ...], ...],
-        label: str | None,
-        holder: Mapping[str, Any] | None,
-        granted_at: float,
-        held: tuple[Slice, ...],
-    ) -> Lease:
-        """The allocator's constructor: its values are consistent already, so skip the
-        frozen dataclass's per-field setattr and `__post_init__` (the grant's hot path)."""
-        lease = object.__new__(cls)
-        lease.__dict__.update(
-            id=id,
-            owner=owner,
-            request=request,
-            groups=groups,
-            label=label,
-            holder=dict(holder) if holder else {},
-            granted_at=granted_at,
-            held=held,
-        )
-        return lease
-
     def resources(self) -> dict[str, list[dict[str, Any]]]:
         """The seed shape `{type: [{"id", "slots"}]}`: slots summed per id, pool order."""
         out: dict[str, list[dict[str, Any]]] = {}
