@@ -269,3 +269,18 @@ def test_one_pidfd_per_holder_process_after_a_restart(tmp_path: Path) -> None:
             assert pidfds() == 1
             c.call("reclaim", lease=f"r{n - 1}", token=f"{n - 1:032d}")
             wait_until(lambda: pidfds() == 0)
+
+
+def test_ending_a_restored_lease_forgets_only_its_token(tmp_path: Path) -> None:
+    """`record_end` drops the ended lease's token by the id -> token map (it once rebuilt
+    the whole token map on every end while restored leases remained)."""
+    store = StateStore(tmp_path / "state")
+    store.open(lambda line: None)
+    store.start([], at_turn_end=lambda fn: None, log=lambda line: None)
+    for i in range(3):
+        store.note_restored(f"token-{i}", f"lease-{i}")
+    store.record_end("lease-1")
+    store.record_end("not-restored")
+    assert [store.restored_lease(f"token-{i}") for i in range(3)] == ["lease-0", None, "lease-2"]
+    assert store._token_of == {"lease-0": "token-0", "lease-2": "token-2"}
+    store.close()
