@@ -35,6 +35,7 @@ def restore_leases(server: Any, store: StateStore) -> None:
                 remove_lease_files(files)
             except OSError as exc:
                 server.log(f"state: files of dropped lease {lease_id}: {exc}")
+    _restore_drains(server, store)
     if records:
         server.log(
             f"state: restored {len(kept)} lease(s) whose holder still runs"
@@ -47,6 +48,19 @@ def restore_leases(server: Any, store: StateStore) -> None:
         at_turn_end=server.at_turn_end,
         log=lambda line: server._log(line, important=True),
     )
+
+
+def _restore_drains(server: Any, store: StateStore) -> None:
+    """Drain again what an admin drained before the restart (or the reboot)."""
+    if store.drains is None:
+        return
+    for rtype, rid, reason in store.drains.load():
+        try:
+            server.allocator.drain(rtype, rid, reason)
+        except RpoolAgentError:
+            server.log(f"state: drain of {rtype}:{rid} dropped: the pool has no such instance")
+            continue
+        server.log(f"state: {rtype}:{rid} drained again (reason={reason!r})")
 
 
 def _ids(ids: list[str], most: int = 20) -> str:

@@ -65,6 +65,7 @@ class Service:
     allocator: Allocator
     limits: Limits
     state: Any
+    gpu_health: Any
     notify: Callable[[str], Any] | None
     admin_gid: int | None
     files_dir: str
@@ -318,6 +319,7 @@ class Service:
             raise ProtocolError("'reason' must be a string")
         self.allocator.drain(rtype, rid, reason[:256])
         self._log(f"drain {rtype}:{rid} reason={reason!r}")
+        self._save_drains()
         return {"drained": f"{rtype}:{rid}"}
 
     def op_undrain(self, conn: Connection, call: protocol.Call) -> Any:
@@ -325,7 +327,16 @@ class Service:
         rtype, rid = _resource_arg(call.args.get("resource"))
         self.dispatch(self.allocator.undrain(rtype, rid))
         self._log(f"undrain {rtype}:{rid}")
+        self._save_drains()
         return {"undrained": f"{rtype}:{rid}"}
+
+    def _save_drains(self) -> None:
+        """An admin's drains outlive a restart and a reboot (drains.py); the health
+        poller's own drains are its to make again."""
+        drains = self.state.drains if self.state is not None else None
+        if drains is not None:
+            health = self.gpu_health.drained if self.gpu_health is not None else ()
+            drains.save({k: r for k, r in self.allocator.drained.items() if k not in health})
 
     def op_reload(self, conn: Connection, call: protocol.Call) -> Any:
         self._require_admin(conn)

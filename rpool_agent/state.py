@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .drains import DrainStore
 from .errors import ConfigError, RpoolAgentError
 from .statedir import (
     exists,
@@ -269,6 +270,7 @@ class StateStore:
         self._pending: list[tuple[bytes, Callable[[], None] | None]] = []
         self._live: dict[str, bytes] = {}  # lease id -> its framed grant line
         self._read_lines: dict[str, bytes] = {}  # what `open` read, until `start`
+        self.drains: DrainStore | None = None  # the admin's drains (drains.py), from `open`
         self._lines = 0
         self._closed = False
         self._failing = False  # the last write failed; said so once
@@ -301,6 +303,7 @@ class StateStore:
         self._log = log
         dir_fd = self._dir_fd = open_private_dir(self.directory)
         self._lock_fd, existed = lock_dir(dir_fd, self.directory, LOCK_NAME)
+        self.drains = DrainStore(dir_fd, log)
         for name in os.listdir(dir_fd):  # a snapshot an earlier agent did not finish
             if name.startswith(_TMP_PREFIX) and name.endswith(".tmp"):
                 with contextlib.suppress(OSError):
@@ -539,6 +542,8 @@ class StateStore:
         if self._fd is not None:
             self.flush()
         self._closed = True
+        if self.drains is not None:
+            self.drains.close()
         job, self._job = self._job, None
         if job is not None:  # wait for the snapshot thread: it uses the dir's descriptor
             with contextlib.suppress(Exception):

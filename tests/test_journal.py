@@ -284,3 +284,27 @@ def test_ending_a_restored_lease_forgets_only_its_token(tmp_path: Path) -> None:
     assert [store.restored_lease(f"token-{i}") for i in range(3)] == ["lease-0", None, "lease-2"]
     assert store._token_of == {"lease-0": "token-0", "lease-2": "token-2"}
     store.close()
+
+
+def test_an_admin_drain_outlives_a_restart_written_durably_off_the_loop(tmp_path: Path) -> None:
+    path = tmp_path / "agent-state" / "drains.json"
+
+    def saved() -> Any:
+        return json.loads(path.read_text()) if path.exists() else None
+
+    with running_agent(tmp_path, None, "--admin-group", str(os.getgid())) as agent:
+        c = agent.client().connect()
+        c.call("drain", resource="gpus:1", reason="ecc")
+        wait_until(lambda: saved() == [["gpus", "1", "ecc"]])
+        agent.kill()
+        agent.restart()
+        assert agent.status()["drained"] == [{"type": "gpus", "id": "1", "reason": "ecc"}]
+        assert "gpus:1 drained again" in agent.log()
+        with pytest.raises(ResourceUnavailable):
+            c.acquire(gpus=4, timeout=0)
+        c.call("undrain", resource="gpus:1")
+        wait_until(lambda: saved() == [])
+        agent.kill()
+        agent.restart()
+        assert agent.status()["drained"] == []
+        c.close()
