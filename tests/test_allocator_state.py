@@ -235,15 +235,6 @@ class AllocatorMachine(RuleBasedStateMachine):
         assert not self.a.waiting(), "a waiter was never served"
 
 
-TestAllocatorMachine = AllocatorMachine.TestCase
-TestAllocatorMachine.settings = settings(
-    max_examples=150,
-    stateful_step_count=30,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-
-
 # --- the indexed queue against the linear walk it replaced ---------------------------------
 
 
@@ -312,5 +303,12 @@ class TwinMachine(AllocatorMachine):
         )
 
 
-TestTwinMachine = TwinMachine.TestCase
-TestTwinMachine.settings = TestAllocatorMachine.settings
+# The twin runs every rule and invariant above on the allocator, and compares each
+# decision with the linear walk's: one run checks both.
+TestAllocatorMachine = TwinMachine.TestCase
+TestAllocatorMachine.settings = settings(
+    max_examples=150,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
