@@ -196,8 +196,11 @@ class Service:
     def _pid_holder(self, peer: Holder, pid: Any) -> tuple[Holder, Owner]:
         if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
             raise ProtocolError("'holder_pid' must be a positive integer")
+        try:  # out of descriptors is not "no such process": refuse, but say why
+            start = process_starttime(pid, strict=True)
+        except OSError as exc:
+            raise LimitExceeded(f"cannot look at process {pid}: {exc.strerror or exc}") from None
         uid = process_uid(pid)
-        start = process_starttime(pid)
         if uid is None or start is None:
             raise ProtocolError(f"no process {pid}")
         if peer.uid not in (0, uid):

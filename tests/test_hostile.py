@@ -210,6 +210,9 @@ def test_out_of_descriptors_refuses_new_requests_and_never_drops_a_live_holder(
             # No descriptor at all: a new connection waits in the backlog, without a
             # traceback in the log, and is served once descriptors are back.
             _leave_free(agent.proc.pid, 0)
+            ask = {"id": 5, "op": "acquire", "request": {"gpus": 1}, "holder_pid": q.pid}
+            fourth = c.call(ask)  # no descriptor to read /proc with: not "no process"
+            assert (fourth["ok"], fourth["error"]["code"]) == (False, "limit"), fourth
             late = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             late.connect(agent.socket)
             wait_until(lambda: "cannot accept connections" in agent.log())
