@@ -1,15 +1,20 @@
 """A private agent: one `serve` on the detected pool, for one program run (a pytest run).
 
-Started when no agent answers, stopped when the run ends. It must never outlive its
-starter, however that ends (SIGKILL included): the agent reads its stdin, a pipe only the
-starter holds, and stops itself (SIGTERM, the clean path) when the pipe hits EOF. Its
-socket, lease table and per-lease files live in one fresh 0700 directory that `stop`
-removes, so nothing is shared with a user's or the system's agent.
+Started when no agent answers, stopped when the run ends. It must never outlive its run,
+however that ends (SIGKILL included): the agent reads its stdin, a pipe only the starter
+holds, and when the pipe hits EOF it stops itself (SIGTERM, the clean path) as soon as it
+holds no lease, i.e. once the run's other processes (xdist workers, which outlive a
+killed controller by up to 15 s) are gone too. Its socket, lease table and per-lease files
+live in one fresh 0700 directory that `stop` removes, so nothing is shared with a user's
+or the system's agent.
 
     python -m rpool_agent.private_agent DIR [--slots-per-gpu K] [--pool FILE]
 
 With `--pool` it serves that pool instead of detecting: `lease_pool(doc)` makes one of a
-lease, so that a run holding one lease can share it out among its own processes.
+lease, so that a run holding one lease can share it out among its own processes. The
+starter then passes that lease's connection too (`hold_fd`): the agent only keeps it open,
+so the outer lease ends when the starter AND this agent are gone, never while a process
+still uses what this agent shared out.
 """
 
 from __future__ import annotations
@@ -92,6 +97,7 @@ def start(
     *,
     slots_per_gpu: int | None = None,
     pool: Mapping[str, Any] | None = None,
+    hold_fd: int | None = None,
     timeout: float = 30.0,
 ) -> PrivateAgent:
     """Start a private agent (on `pool`, else the detected one); return once it answers.
@@ -110,7 +116,12 @@ def start(
     env = {k: v for k, v in os.environ.items() if k not in _FOREIGN_ENV}
     with open(os.path.join(directory, LOG_NAME), "wb") as log:
         proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            pass_fds=() if hold_fd is None else (hold_fd,),
         )
     agent = PrivateAgent(proc, directory)
     try:
@@ -138,11 +149,22 @@ def _wait_until_serving(agent: PrivateAgent, timeout: float) -> None:
         time.sleep(0.02)
 
 
-def _stop_at_eof() -> None:
-    """Block until stdin (the starter's pipe) ends, then stop this agent cleanly."""
+def _stop_at_eof(socket_path: str) -> None:
+    """Block until stdin (the starter's pipe) ends; then, once no lease is held, stop
+    this agent cleanly."""
+    from .client import Client
+
     with contextlib.suppress(OSError):
         while os.read(0, 4096):
             pass
+    while True:
+        try:
+            with Client(socket_path, connect_timeout=1) as client:
+                if not client.status()["leases"]:
+                    break
+        except (RpoolAgentError, OSError):
+            break
+        time.sleep(0.05)
     os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -159,8 +181,9 @@ def main(argv: list[str]) -> int:
         given["slots_per_gpu"] = int(options["--slots-per-gpu"])
     if "--pool" in options:
         given["pool"] = options["--pool"]
-    threading.Thread(target=_stop_at_eof, name="stop-at-eof", daemon=True).start()
     given["socket"] = os.path.join(directory, SOCKET_NAME)
+    stopper = threading.Thread(target=_stop_at_eof, args=(given["socket"],), daemon=True)
+    stopper.start()
     given["state_dir"] = os.path.join(directory, "state")
     try:
         serve_main(None, given)

@@ -262,7 +262,8 @@ class ProcessRun:
                     raise UsageProblem(self._too_many(workers) or str(exc)) from None
                 self.lease = run_lease
                 self.serving = private_agent.start(
-                    pool=private_agent.lease_pool(run_lease.document)
+                    pool=private_agent.lease_pool(run_lease.document),
+                    hold_fd=self.client.fileno(),  # the run lease lasts while it serves
                 )
                 lease_socket = self.serving.socket
         os.environ[CONTROLLER_ENV] = f"{os.getpid()} {lease_socket}"

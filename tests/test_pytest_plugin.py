@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -351,6 +352,7 @@ def test_lone_process_lease_is_what_run_hands_a_command(
     detected pool) and its environment and affinity are what `rpool-agent run` sets."""
     tests = """
 import os
+import signal
 from rpool_agent.handoff import lease_env
 
 def test_env(rpool_lease):
@@ -491,3 +493,36 @@ def test_worker_that_cannot_take_its_lease_fails_its_tests_with_the_reason(
         )
     assert "2 errors" in out and "Traceback" not in out and "crashed" not in out, out
     assert out.count("rpool: cannot bind to the leased CPUs 4096") == 4, out  # 2 said, 2 errors
+
+
+HOLD = """
+import signal, time
+from conftest import record
+
+def test_hold():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # execnet's first try to stop a worker
+    record(event="worker")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+"""
+
+
+def test_killed_controller_keeps_the_gpus_until_its_workers_are_gone(tmp_path: Path) -> None:
+    """SIGKILL the xdist controller: its workers run on (execnet stops them only seconds
+    later), so the agent must not hand their GPUs out yet. The run lease ends when the
+    last worker has gone, and so does the run's private agent."""
+    with running_agent(tmp_path, gpu_pool(2, 2)) as agent:
+        root = project(tmp_path, "h", HOLD, conftest=RECORD)
+        proc = start(root, inner_env(tmp_path, agent.socket), "-n", "1", "--rpool-gpus=1")
+        wait_until(lambda: records(tmp_path), timeout=60)
+        [worker] = records(tmp_path)
+        serving = int(output(root).split("a private agent (pid ")[1].split(")")[0])
+        proc.kill()
+        proc.wait()
+        held = [le["label"] for le in agent.status()["leases"]]
+        assert not gone(worker["pid"])  # so it was running while the agent said `held`
+        assert held == [f"pytest[{proc.pid}] 1 workers"]
+        os.kill(worker["pid"], signal.SIGKILL)
+        wait_until(lambda: agent.status()["leases"] == [], timeout=10)
+        wait_until(lambda: gone(serving), timeout=10)
