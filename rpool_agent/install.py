@@ -37,6 +37,8 @@ TARGETS = (
     Target("rpool-agent.sysusers.conf", "usr/lib/sysusers.d/rpool-agent.conf"),
     Target("rpool-agent.tmpfiles.conf", "usr/lib/tmpfiles.d/rpool-agent.conf"),
     Target("agent.yaml", "etc/rpool-agent/agent.yaml", keep_existing=True),
+    # The service's Documentation=: docs/systemd.md, shipped beside the units (a link).
+    Target("systemd.md", "usr/share/doc/rpool-agent/systemd.md"),
 )
 
 # Trees ProtectHome=yes hides from the service; a script there needs read-only instead.

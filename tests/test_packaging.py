@@ -71,8 +71,10 @@ def test_packaging_links_point_at_the_shipped_files() -> None:
         path = REPO / "packaging" / link
         assert path.is_symlink(), link
         assert path.resolve() == (UNITS / name).resolve(), link
-    assert {t.source for t in TARGETS} == set(links.values())
-    assert {p.name for p in UNITS.iterdir()} == set(links.values())
+    docs = {"systemd.md"}  # the other way round: the package links to docs/systemd.md
+    assert (UNITS / "systemd.md").resolve() == (REPO / "docs" / "systemd.md").resolve()
+    assert {t.source for t in TARGETS} == set(links.values()) | docs
+    assert {p.name for p in UNITS.iterdir()} == set(links.values()) | docs
 
 
 def test_service_and_socket_agree_with_the_agent() -> None:
@@ -94,6 +96,30 @@ def test_service_and_socket_agree_with_the_agent() -> None:
     example = config.load_config_file(UNITS / "agent.yaml")
     assert example["socket_group"] == socket_unit["SocketGroup"]
     assert example["admin_group"] in groups
+
+
+def test_systemd_analyze_security_scores_the_service_at_most_2(tmp_path: Path, system_tool) -> None:
+    """Exposure as systemd scores it (0 best, 10 worst); PrivateNetwork, IPAddressDeny and
+    PrivateMounts took it from 2.3 to 1.5. ProtectProc and PrivateDevices stay off: the
+    agent reads every holder's /proc/<pid>/stat and NVML opens /dev/nvidia*."""
+    assert cli("install-units", "--prefix", str(tmp_path)).returncode == 0
+    service = tmp_path / "etc/systemd/system/rpool-agent.service"
+    done = subprocess.run(
+        [system_tool("systemd-analyze"), "security", "--offline=yes", str(service)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    (score,) = re.findall(
+        r"Overall exposure level for rpool-agent\.service: ([0-9.]+)", done.stdout
+    )
+    assert float(score) <= 2.0, done.stdout
+    service_keys = unit(service.read_text())["Service"]
+    for key in ("PrivateNetwork", "PrivateMounts"):
+        assert service_keys[key] == "yes"
+    assert service_keys["IPAddressDeny"] == "any"
+    assert "ProtectProc" not in service_keys and "PrivateDevices" not in service_keys
 
 
 def test_device_allow_uses_no_path_globs() -> None:
@@ -137,6 +163,10 @@ def test_install_units_then_systemd_accepts_everything(tmp_path: Path, system_to
     assert os.path.isabs(exe) and os.path.basename(exe) == "rpool-agent"
     assert os.access(exe, os.X_OK)  # this installation's script, found by install-units
     assert_verified(verify(system_tool, service, socket_unit))
+    # Documentation= names the doc install-units put there (file: URIs are absolute).
+    (doc,) = (u for u in unit(service.read_text())["Unit"]["Documentation"].split() if "file:" in u)
+    installed_doc = root / doc.removeprefix("file:/")
+    assert installed_doc.read_text() == (REPO / "docs" / "systemd.md").read_text()
 
     # The tools that act on the sysusers and tmpfiles entries, aimed at the staging root.
     (root / "etc/group").parent.mkdir(parents=True, exist_ok=True)

@@ -92,8 +92,7 @@ def declare_drain(p: argparse.ArgumentParser) -> None:
         "--reason",
         default="",
         metavar="TEXT",
-        help="why (e.g. 'ECC errors, ticket 123'): shown by `status` until undrained,"
-        " and logged",
+        help="why (e.g. 'ECC errors, ticket 123'): shown by `status` until undrained, and logged",
     )
 
 
