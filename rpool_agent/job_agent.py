@@ -23,6 +23,10 @@ from collections.abc import Sequence
 from .errors import AgentUnavailable, RpoolAgentError
 
 SOCKET_ENV = "RPOOL_AGENT_SOCKET"
+#: The CUDA_VISIBLE_DEVICES the job's agent was started with. A harness that sees the same
+#: value knows RPOOL_AGENT_SOCKET already serves exactly its GPUs, and shares that agent
+#: instead of starting its own on them (the pytest plugin's rule: docs/pytest.md).
+JOB_DEVICES_ENV = "RPOOL_JOB_CUDA_VISIBLE_DEVICES"
 
 
 class JobAgentError(RpoolAgentError):
@@ -45,8 +49,11 @@ def run_job(command: Sequence[str], *, slots_per_gpu: int | None = None) -> int:
         agent = private_agent.start(slots_per_gpu=slots_per_gpu)
     except AgentUnavailable as exc:
         raise JobAgentError(f"the job's agent: {exc}") from None
+    env = {**os.environ, SOCKET_ENV: agent.socket}
+    if "CUDA_VISIBLE_DEVICES" in env:
+        env[JOB_DEVICES_ENV] = env["CUDA_VISIBLE_DEVICES"]
     try:
-        return _run(command, {**os.environ, SOCKET_ENV: agent.socket})
+        return _run(command, env)
     finally:
         agent.stop()
 

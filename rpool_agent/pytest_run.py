@@ -145,9 +145,11 @@ class ProcessRun:
             why = "asked for (--rpool-agent private)"
         elif os.environ.get("RPOOL_LEASE_ID"):
             why = f"inside lease {os.environ['RPOOL_LEASE_ID']}: it serves what that lease holds"
-        elif "CUDA_VISIBLE_DEVICES" in os.environ:
+        elif "CUDA_VISIBLE_DEVICES" in os.environ and not _job_agent_serves_these_gpus():
             # Someone gave this process its GPUs (Slurm, Flux, a CI executor): the node's
-            # agent does not know which; detection here does.
+            # agent does not know which; detection here does. (Unless `rpool-agent job`
+            # started RPOOL_AGENT_SOCKET's agent on these very GPUs: the job's other
+            # harnesses lease from it, so this run must too, below.)
             cvd = os.environ["CUDA_VISIBLE_DEVICES"]
             why = f"CUDA_VISIBLE_DEVICES={cvd} is inherited: it serves those GPUs only"
         else:
@@ -358,6 +360,19 @@ class ProcessRun:
     def _save_env(self) -> None:
         if self._saved_env is None:
             self._saved_env = dict(os.environ)
+
+
+def _job_agent_serves_these_gpus() -> bool:
+    """`rpool-agent job` started the agent at RPOOL_AGENT_SOCKET inside this allocation,
+    with this very CUDA_VISIBLE_DEVICES (docs/cluster.md)."""
+    from .job_agent import JOB_DEVICES_ENV
+
+    job = os.environ.get(JOB_DEVICES_ENV)
+    return (
+        job is not None
+        and job == os.environ.get("CUDA_VISIBLE_DEVICES")
+        and bool(os.environ.get("RPOOL_AGENT_SOCKET"))
+    )
 
 
 def _listens(path: str) -> bool:

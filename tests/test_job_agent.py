@@ -281,3 +281,53 @@ def alive(proc: Path) -> bool:
     except (OSError, IndexError):
         return False
     return state != "Z"
+
+
+def test_pytest_plugin_in_a_job_shares_the_jobs_agent(fake_nvml_dir: Path, tmp_path: Path) -> None:
+    """A job's concurrent harnesses share ONE agent: with GPU 1 of the job's 1,3 held by
+    an `rpool-agent run`, a pytest with the rpool plugin in the same job gets GPU 3. (Its
+    own private agent on the inherited CUDA_VISIBLE_DEVICES would hand it GPU 1 again.)"""
+    gpus = [
+        {"name": "NVIDIA H100 80GB HBM3", "pci_bus_id": f"00000000:{b}:00.0", "minor": i}
+        for i, b in enumerate(("18", "3A", "9A", "DB"))
+    ]
+    conf = nf.write_config(tmp_path / "nvml.conf", gpus)
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "test_gpu.py").write_text(
+        "import os, pathlib\n"
+        "def test_gpu():\n"
+        f"    pathlib.Path({str(tmp_path / 'pytest_gpu')!r})"
+        ".write_text(os.environ['CUDA_VISIBLE_DEVICES'])\n"
+    )
+    held, go = tmp_path / "run_gpu", tmp_path / "go"
+    cli = f"{sys.executable} -m rpool_agent.cli"
+    hold = f"sh -c 'echo $CUDA_VISIBLE_DEVICES > {held}; until [ -e {go} ]; do sleep 0.01; done'"
+    pytest_cmd = (
+        f"{sys.executable} -m pytest -q -p no:cacheprovider --rootdir {suite} -c /dev/null"
+        f" --rpool-gpus 1 {suite}"
+    )
+    script = (
+        f"{cli} run --gpus 1 --timeout 60 -- {hold} & r=$!; "
+        f"until [ -s {held} ]; do sleep 0.01; done; "
+        f"{pytest_cmd}; p=$?; touch {go}; wait $r && exit $p"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RPOOL_AGENT_SOCKET"}
+    env.update(
+        TMPDIR=str(tmp_path),
+        LD_LIBRARY_PATH=str(fake_nvml_dir),
+        FAKE_NVML_CONFIG=str(conf),
+        CUDA_VISIBLE_DEVICES="1,3",
+        CUDA_DEVICE_ORDER="PCI_BUS_ID",
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "rpool_agent.cli", "job", "--", "sh", "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    first = held.read_text().strip()
+    assert first in ("1", "3")
+    assert (tmp_path / "pytest_gpu").read_text() == ({"1", "3"} - {first}).pop()
