@@ -159,8 +159,8 @@ class Server(Service):
         self.dispatch(self.allocator.expire(time.monotonic()))
 
     def status_line(self) -> str:
-        snap = self.allocator.snapshot()
-        parts = [f"{v['free']} {t} free of {v['total']}" for t, v in snap["types"].items()]
+        usage = self.allocator.free_of_total().items()
+        parts = [f"{free} {t} free of {total}" for t, (free, total) in usage]
         return f"{'; '.join(parts) or 'empty pool'}; {len(self.allocator.leases)} leases"
 
     def _changed(self, lease_id: str) -> None:

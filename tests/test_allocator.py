@@ -548,6 +548,17 @@ def test_status_snapshot_is_json() -> None:
     assert snap["waiters"][0]["label"] == "big" and snap["waiters"][0]["deadline"] == 14
 
 
+def test_free_of_total_agrees_with_the_snapshot() -> None:
+    a = mkalloc(mkpool(**NUMA))
+    grant(a, ("conn", 1), 1, {"gpus": 1, "cpus": 2})
+    a.drain("gpus", "3", "broken")
+    a.set_pool(mkpool(gpus="0@0 1@0 3@1", cpus=NUMA["cpus"]))  # gpu 2 vanishes
+    types = a.snapshot()["types"]
+    assert a.free_of_total() == {
+        t: (row["free"], row["total"]) for t, row in types.items() if row["total"]
+    }
+
+
 def test_multi_node_pool_ids_must_be_unique() -> None:
     pool = Pool(nodes=[Node("a", {"gpus": [Instance("0")]}), Node("b", {"gpus": [Instance("0")]})])
     with pytest.raises(PoolFormatError, match="duplicate"):
