@@ -125,6 +125,7 @@ class Client:
         self._ids = itertools.count(1)
         self._held: dict[str, Lease] = {}
         self._lost: set[str] = set()  # held leases the agent no longer had after a restart
+        self._on_event: Any = None  # called with each event frame of the call in progress
         self.server_info: dict[str, Any] = {}
 
     # --- connection ---------------------------------------------------------------------
@@ -241,8 +242,11 @@ class Client:
             raise _ConnectionLost() from None
         while True:
             reply = self._next_frame()
-            if isinstance(reply, dict) and reply.get("id") == rid and "event" not in reply:
-                return protocol.raise_for_reply(reply)
+            if isinstance(reply, dict) and reply.get("id") == rid:
+                if "event" not in reply:
+                    return protocol.raise_for_reply(reply)
+                if self._on_event is not None:
+                    self._on_event(reply)
             if isinstance(reply, dict) and reply.get("id") is None and reply.get("ok") is False:
                 protocol.raise_for_reply(reply)  # the server refused us as a whole
 
@@ -273,27 +277,33 @@ class Client:
         label: str | None = None,
         holder_pid: int | None = None,
         files: bool = False,
+        on_event: Any = None,
         **counts: int,
     ) -> Lease:
         """Lease resources; blocks until granted, `timeout` (seconds) runs out, or refusal.
 
         `request` takes any of the three forms (canary item list, `{type: n}` mapping,
         CTest RESOURCE_GROUPS string); or give counts: `gpus=2, cpus=4`. `timeout=0` never
-        waits; None waits as long as it takes.
+        waits; None waits as long as it takes. `on_event` is called with each event the
+        agent sends while the acquire waits (`{"event": "queued", "position": n}`).
         """
         if request is None:
             wanted = {k: v for k, v in {"gpus": gpus, "cpus": cpus, **counts}.items() if v}
             request = wanted
         timeout = _wire_timeout(timeout)
-        doc = self.call(
-            "acquire",
-            request=request,
-            timeout=timeout,
-            label=label,
-            holder_pid=holder_pid,
-            files=files or None,
-            token=os.urandom(16).hex(),
-        )
+        self._on_event = on_event
+        try:
+            doc = self.call(
+                "acquire",
+                request=request,
+                timeout=timeout,
+                label=label,
+                holder_pid=holder_pid,
+                files=files or None,
+                token=os.urandom(16).hex(),
+            )
+        finally:
+            self._on_event = None
         lease = Lease(doc, self)
         self._held[lease.id] = lease
         return lease

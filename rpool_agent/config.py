@@ -65,6 +65,9 @@ class ServeConfig:
     # Seconds between GPU health polls (docs/gpus.md); None: 30 for a detected pool, off
     # with a pool file; 0: off.
     gpu_health_interval: float | None = None
+    metrics_file: str | None = None  # node_exporter textfile (*.prom); None: no metrics
+    metrics_interval: float = 15.0  # seconds between metrics file writes
+    audit_interval: float = 60.0  # seconds between GPU audits (docs/status.md)
     # The config file this came from (None: none); not a key a file can set.
     config_file: str | None = field(default=None, compare=False)
 
@@ -80,7 +83,7 @@ class ServeConfig:
 # --- validation ---------------------------------------------------------------------------
 
 _FIELDS = {f.name: f for f in fields(ServeConfig) if f.name != "config_file"}
-_PATH_KEYS = ("pool", "socket", "state_dir")
+_PATH_KEYS = ("pool", "socket", "state_dir", "metrics_file")
 
 
 def _check(key: str, value: Any, label: str) -> Any:

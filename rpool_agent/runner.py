@@ -47,8 +47,11 @@ def run_in_lease(
     request: str | None = None,
     timeout: float | None = None,
     label: str | None = None,
+    quiet: bool = False,
 ) -> int:
-    """Acquire, then exec `cmd` inside the lease. Returns only if the exec fails."""
+    """Acquire, then exec `cmd` inside the lease. Returns only if the exec fails.
+
+    While the acquire waits, stderr says so (waiting.py) unless `quiet`."""
     from .client import Client
     from .handoff import substitute_args
 
@@ -56,9 +59,14 @@ def run_in_lease(
         raise RequestError("no command given (put it after --)")
     wanted = parse_cli_request(request, gpus, cpus)
     client = Client().connect()
-    lease = client.acquire(
-        wanted, timeout=timeout, label=label or shlex.join(cmd)[:200], files=True
-    )
+    with _wait_report(client, wanted, quiet) as report:
+        lease = client.acquire(
+            wanted,
+            timeout=timeout,
+            label=label or shlex.join(cmd)[:200],
+            files=True,
+            on_event=report and report.event,
+        )
     _check_pool_placeholders(cmd, lease.resources)
     env = lease.env()
     files = lease.files
@@ -136,17 +144,36 @@ def acquire_for_script(
     timeout: float | None = None,
     label: str | None = None,
     holder: int | None = None,
+    quiet: bool = False,
 ) -> str:
     """Lease bound to `holder`'s lifetime (default: our parent); `export` lines to eval."""
     from .client import Client
 
     wanted = parse_cli_request(request, gpus, cpus)
     pid = holder if holder is not None else os.getppid()
-    with Client() as client:
-        lease = client.acquire(wanted, timeout=timeout, label=label, holder_pid=pid, files=True)
+    with Client() as client, _wait_report(client, wanted, quiet, pid) as report:
+        lease = client.acquire(
+            wanted,
+            timeout=timeout,
+            label=label,
+            holder_pid=pid,
+            files=True,
+            on_event=report and report.event,
+        )
         env = lease.env(base={})
     env["RPOOL_LEASE_TOKEN"] = lease.token or ""
     return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items()))
+
+
+def _wait_report(client: Any, wanted: Any, quiet: bool, holder_pid: int | None = None) -> Any:
+    """A WaitReport for this acquire (a context that erases its line), or a null context."""
+    import contextlib
+
+    if quiet:
+        return contextlib.nullcontext(None)
+    from .waiting import WaitReport
+
+    return WaitReport(client.socket_path, wanted, holder_pid=holder_pid)
 
 
 def format_status(snap: dict[str, Any]) -> str:

@@ -72,7 +72,7 @@ def build_server(
     from .state import StateStore
 
     pool = load_pool(cfg)
-    return Server(
+    server = Server(
         pool,
         socket_path=cfg.socket,
         limits=Limits(
@@ -94,6 +94,12 @@ def build_server(
         log_events=cfg.log_level in ("debug", "info"),
         gpu_health=gpu_health(cfg),
     )
+    server.monitor.configure(
+        metrics_file=cfg.metrics_file,
+        metrics_interval=cfg.metrics_interval,
+        audit_interval=cfg.audit_interval or None,
+    )
+    return server
 
 
 def gpu_health(cfg: Any) -> Any:

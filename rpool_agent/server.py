@@ -30,6 +30,7 @@ from .allocator import Allocator
 from .connection import Connection, Limits
 from .errors import LimitExceeded, RpoolAgentError
 from .listener import bind_socket, check_socket_dir
+from .monitor import Monitor
 from .pidwatch import PidWatch
 from .pool import Pool
 from .restore import restore_leases
@@ -103,6 +104,7 @@ class Server(Service):
         self._in_read = False  # inside Connection.buffer_updated: it schedules the turn end
         # op name -> handler, bound once (not a getattr and an f-string per message)
         self._ops = {op: getattr(self, f"op_{op}") for op in protocol.OPERATIONS}
+        self.monitor = Monitor(self)
 
     # --- connections ------------------------------------------------------------------
 
@@ -295,6 +297,7 @@ class Server(Service):
             sock = self._bind()
         self._server = await loop.create_unix_server(self.new_connection, sock=sock, backlog=512)
         self._reschedule()
+        self.monitor.start()  # periodic GPU audit and metrics file, when configured
         if self.notify is not None and self.watchdog_interval:
             self._watchdog()
         if self.gpu_health is not None:
@@ -353,6 +356,7 @@ class Server(Service):
                 self.notify(f"READY=1\nSTATUS={self.status_line()}")
 
     async def close(self) -> None:
+        await self.monitor.stop()
         self._flush_log()
         if self.gpu_health is not None:
             self.gpu_health.stop()

@@ -32,11 +32,13 @@ from .errors import (
     ProtocolError,
     RequestError,
     RpoolAgentError,
+    Timeout,
     UnknownLease,
 )
 from .holders import Holder, LeaseExtras, process_starttime, process_uid
 from .lease import Denied, Granted, Lease, Queued, Reaped, Released
 from .listener import peer_groups
+from .monitor import Monitor
 from .pidwatch import PidWatch
 from .pool import Pool
 from .requests import parse_request
@@ -76,6 +78,7 @@ class Service:
     waiting: set[Pending]
     uid_leases: Counter[int]
     uid_waiting: Counter[int]
+    monitor: Monitor  # status document, GPU audit, metrics (monitor.py)
     _property_index: PropertyIndex | None = None
 
     def handle_frame(self, conn: Connection, frame: Any) -> None:
@@ -164,6 +167,7 @@ class Service:
         # keep the route to this connection only for a request that waits.
         (ev,) = events
         if type(ev) is Granted:
+            self.monitor.tally.granted(None, 0.0)  # waited for nothing
             self._grant(conn, call.id, ev.lease, holder, token, want_files)
             return _DEFERRED
         if type(ev) is Denied:
@@ -255,22 +259,7 @@ class Service:
         raise NotOwner(f"lease {lease.id} belongs to another user")
 
     def op_status(self, conn: Connection, call: protocol.Call) -> Any:
-        snap = self.allocator.snapshot()
-        now = time.monotonic()
-        for item in snap.get("leases", []):
-            item["age_s"] = round(now - item.get("granted_at", now), 3)
-            extras = self.extras.get(item["id"])
-            if extras is not None:  # the current holder: a re-claim moves the lease
-                item["holder"] = extras.holder.to_dict()
-        for item in snap.get("waiters", []):
-            req = item.get("req_id")
-            item["req_id"] = req.call_id if isinstance(req, Pending) else None
-            item["waiting_s"] = round(now - item.get("since", now), 3)
-        snap["connections"] = len(self.connections)
-        unavailable = self.pool.additional_properties.get("gpus_unavailable")
-        if unavailable:  # NVML failed at detection: no GPU offered, and this is why
-            snap["gpus_unavailable"] = unavailable
-        return snap
+        return self.monitor.status()  # the documented schema: status_doc.py
 
     def op_pool(self, conn: Connection, call: protocol.Call) -> Any:
         fmt = call.args.get("format")
@@ -361,10 +350,12 @@ class Service:
                 self._on_granted(ev)
             elif isinstance(ev, Denied):
                 pending = ev.req_id
+                self.monitor.tally.denied(pending, timed_out=isinstance(ev.error, Timeout))
                 if self._unroute(pending):
                     pending.conn.send(protocol.error(pending.call_id, ev.error))
             elif isinstance(ev, Queued):
                 pending = ev.req_id
+                self.monitor.tally.queued(pending, time.monotonic())
                 if pending in self.waiting:
                     pending.conn.send(
                         {"id": pending.call_id, "event": "queued", "position": ev.position}
@@ -379,6 +370,7 @@ class Service:
     def _on_granted(self, ev: Granted) -> None:
         """A waiter's grant (a release, reap or timeout made room)."""
         p: Pending = ev.req_id
+        self.monitor.tally.granted(p, ev.lease.granted_at)
         conn = p.conn if self._unroute(p) else None
         holder = Holder.from_dict(ev.lease.holder)
         self._grant(conn, p.call_id, ev.lease, holder, p.token, p.want_files)
@@ -499,6 +491,7 @@ class Service:
         """A lease ended: each clean-up step on its own, so that a failing one (files a
         holder tampered with) is logged and the lease, and this turn's other events, still
         end, get journalled and get answered."""
+        self.monitor.tally.ended(how)
         extras = self.extras.pop(lease_id, None)
         if extras is not None:
             self._isolated(f"{how} {lease_id}: clean-up", self._drop_extras, lease_id, extras)

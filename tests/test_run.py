@@ -59,11 +59,14 @@ def run_dump(agent: Agent, *opts: str, args: tuple[str, ...] = (), **kw: Any) ->
 
 
 def one_line_error(proc: Any) -> str:
-    """The CLI's refusal: non-zero, nothing on stdout, one line on stderr, no traceback."""
+    """The CLI's refusal: non-zero, nothing on stdout, one line on stderr, no traceback
+    (after the one line saying that it waited, when it did: see test_wait_report.py)."""
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
+    if len(lines) == 2 and lines[0].startswith("rpool-agent: waiting "):
+        lines = lines[1:]
     assert len(lines) == 1, proc.stderr
     return lines[0]
 

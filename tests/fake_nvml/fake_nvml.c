@@ -29,6 +29,9 @@
  *     max_mig=7                    # default: highest [mig] slot + 1
  *     fail=handle:4                # fields: handle name uuid memory pci minor numa_node
  *     not_supported=numa_node      #   cpu_affinity cc mig_mode max_mig mig_handle
+ *                                  #   processes (both running-process lists)
+ *     processes=4242,4243:1048576  # running compute processes: PID[:USED_BYTES][@GI.CI],...
+ *     graphics_processes=4244      # running graphics processes, the same way
  *     [mig]                        # a MIG device of the GPU above
  *     slot=0                       # index for nvmlDeviceGetMigDeviceHandleByIndex
  *     uuid=MIG-...
@@ -90,12 +93,26 @@ typedef struct {
 #define MAX_GPUS 64
 #define MAX_MIG 16
 #define MAX_FAILS 16
+#define MAX_PROCS 32
 #define STR 128
 
 typedef struct {
     char field[32];
     int code;
 } fail_t;
+
+/* nvml.h: nvmlProcessInfo_t (v2 and v3 share this layout). */
+typedef struct {
+    unsigned int pid;
+    unsigned long long usedGpuMemory;
+    unsigned int gpuInstanceId;
+    unsigned int computeInstanceId;
+} nvmlProcessInfo_t;
+
+typedef struct {
+    nvmlProcessInfo_t items[MAX_PROCS];
+    int n;
+} proc_list_t;
 
 typedef struct fake_device {
     int is_mig;
@@ -108,6 +125,7 @@ typedef struct fake_device {
     int nfails;
     struct fake_device *migs[MAX_MIG];
     int nmigs;
+    proc_list_t compute, graphics;
 } fake_device;
 
 static fake_device gpus[MAX_GPUS];
@@ -160,6 +178,32 @@ static void add_fails(fail_t *fails, int *n, const char *value, int default_code
 
 static void copy(char *dst, const char *src) { snprintf(dst, STR, "%s", src); }
 
+/* "4242,4243:1048576,4244@7.0": PID[:USED_BYTES][@GI.CI] entries. Without @, gi and
+ * ci are 0xFFFFFFFF, NVML's "not on a MIG device"; with it, the process runs on the MIG
+ * device of that GPU instance and compute instance (listed on the parent GPU). */
+static void set_procs(proc_list_t *list, const char *value) {
+    char buf[1024];
+    snprintf(buf, sizeof buf, "%s", value);
+    list->n = 0;
+    for (char *tok = strtok(buf, ","); tok && list->n < MAX_PROCS; tok = strtok(NULL, ",")) {
+        char *end;
+        unsigned long pid = strtoul(tok, &end, 10);
+        if (end == tok)
+            continue;
+        nvmlProcessInfo_t *p = &list->items[list->n++];
+        p->pid = (unsigned int)pid;
+        p->usedGpuMemory = 0;
+        p->gpuInstanceId = p->computeInstanceId = 0xFFFFFFFFu;
+        if (*end == ':')
+            p->usedGpuMemory = strtoull(end + 1, &end, 10);
+        if (*end == '@') {
+            p->gpuInstanceId = (unsigned int)strtoul(end + 1, &end, 10);
+            if (*end == '.')
+                p->computeInstanceId = (unsigned int)strtoul(end + 1, &end, 10);
+        }
+    }
+}
+
 static void set_device(fake_device *d, const char *key, const char *value) {
     if (!strcmp(key, "uuid"))
         copy(d->uuid, value);
@@ -187,6 +231,10 @@ static void set_device(fake_device *d, const char *key, const char *value) {
         d->gi = atoi(value);
     else if (!strcmp(key, "ci"))
         d->ci = atoi(value);
+    else if (!strcmp(key, "processes"))
+        set_procs(&d->compute, value);
+    else if (!strcmp(key, "graphics_processes"))
+        set_procs(&d->graphics, value);
     else if (!strcmp(key, "fail"))
         add_fails(d->fails, &d->nfails, value, NVML_ERROR_UNKNOWN);
     else if (!strcmp(key, "not_supported"))
@@ -587,3 +635,46 @@ UINT_GETTER(nvmlDeviceIsMigDeviceHandle, "is_mig", d->is_mig, 0)
 UINT_GETTER(nvmlDeviceGetGpuInstanceId, "gi", d->gi, 1)
 
 UINT_GETTER(nvmlDeviceGetComputeInstanceId, "ci", d->ci, 1)
+
+/* --- running processes -------------------------------------------------------------- */
+
+/* NVML's two-call protocol: too small a buffer (or none) gets the count and
+ * INSUFFICIENT_SIZE; no process at all is SUCCESS with a count of 0. */
+static nvmlReturn_t get_procs(const char *name, fake_device *d, const proc_list_t *list,
+                              unsigned int *count, nvmlProcessInfo_t *infos) {
+    CHECK_DEVICE_AS(name, d, "processes");
+    if (!count)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    unsigned int n = (unsigned int)list->n;
+    if (n == 0) {
+        *count = 0;
+        return NVML_SUCCESS;
+    }
+    if (!infos || *count < n) {
+        *count = n;
+        return NVML_ERROR_INSUFFICIENT_SIZE;
+    }
+    memcpy(infos, list->items, n * sizeof *infos);
+    *count = n;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(fake_device *d, unsigned int *count,
+                                                     nvmlProcessInfo_t *infos) {
+    return get_procs(__func__, d, &d->compute, count, infos);
+}
+
+nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v2(fake_device *d, unsigned int *count,
+                                                     nvmlProcessInfo_t *infos) {
+    return get_procs(__func__, d, &d->compute, count, infos);
+}
+
+nvmlReturn_t nvmlDeviceGetGraphicsRunningProcesses_v3(fake_device *d, unsigned int *count,
+                                                      nvmlProcessInfo_t *infos) {
+    return get_procs(__func__, d, &d->graphics, count, infos);
+}
+
+nvmlReturn_t nvmlDeviceGetGraphicsRunningProcesses_v2(fake_device *d, unsigned int *count,
+                                                      nvmlProcessInfo_t *infos) {
+    return get_procs(__func__, d, &d->graphics, count, infos);
+}

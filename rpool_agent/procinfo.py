@@ -1,0 +1,79 @@
+"""Who a pid is, for people: user name and command (psutil), and whose descendant it is.
+
+`status` names each lease holder and waiter, and `audit` names each process on a GPU, by
+user and command rather than by numeric uid. Lookups are cached per (pid, start time), so
+a `status` of a busy node reads /proc once per holder, not once per call; a recycled pid
+has another start time and is looked up afresh. psutil is imported on first use: the
+`detect` and `run` paths never load it.
+"""
+
+from __future__ import annotations
+
+import pwd
+from collections.abc import Iterable
+from typing import Any
+
+#: Cached descriptions kept at most; a busy node has far fewer live holders.
+_MAX_CACHED = 4096
+
+
+def user_name(uid: int | None) -> str | None:
+    """The account name of `uid`; its number as text when the account has no name."""
+    if uid is None or uid < 0:
+        return None
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+class ProcessNames:
+    """pid -> {"user", "command"}, cached while the same process (pid + start time) lives."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[int, Any], dict[str, str | None]] = {}
+
+    def describe(self, pid: int, uid: int | None = None, starttime: Any = None) -> dict[str, Any]:
+        """`{"pid", "user", "command"}`; user and command None where the process is gone.
+
+        `command` is the process name (`ctest`, `python3`), as `ps -o comm` shows it: the
+        full command line of another user's process may hold secrets, and the name is what
+        tells a person which tool holds a GPU.
+        """
+        key = (pid, starttime)
+        facts = self._cache.get(key)
+        if facts is None:
+            facts = _lookup(pid, uid)
+            if len(self._cache) >= _MAX_CACHED:
+                self._cache.clear()
+            self._cache[key] = facts
+        return {"pid": pid, **facts}
+
+    def forget_all_but(self, pids: Iterable[int]) -> None:
+        """Drop what is cached for pids no longer of interest (leases ended)."""
+        keep = set(pids)
+        self._cache = {k: v for k, v in self._cache.items() if k[0] in keep}
+
+
+def _lookup(pid: int, uid: int | None) -> dict[str, str | None]:
+    import psutil
+
+    command: str | None = None
+    try:
+        proc = psutil.Process(pid)
+        command = proc.name() or None
+        if uid is None:
+            uid = proc.uids().real
+    except (psutil.Error, OSError):  # gone, or a pid this process may not look at
+        pass
+    return {"user": user_name(uid), "command": command}
+
+
+def ancestors(pid: int) -> list[int] | None:
+    """pids of `pid`'s parent, grandparent, ... up to init; None if `pid` has exited."""
+    import psutil
+
+    try:
+        return [p.pid for p in psutil.Process(pid).parents()]
+    except (psutil.Error, OSError):
+        return None

@@ -1,0 +1,163 @@
+"""The `status` reply: a stable, documented schema (docs/status.md) built from the agent.
+
+What the allocator keeps is shaped for allocating (owner tuples, request keys, monotonic
+timestamps); what `status` shows is shaped for people and tools: per-instance rows with
+the GPU index and UUID, holders and waiters named by user and command, ages in seconds.
+This module is the one place that turns the one into the other, so the server's handler
+is a single call and the schema has one definition. Nothing internal leaks: no owner
+tuples, no request keys, no raw clock values, no lease tokens.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .procinfo import ProcessNames
+
+#: Bumped only for changes that break readers; new fields may appear at any version.
+SCHEMA_VERSION = 1
+
+#: Instance properties copied into `instances` rows, when the pool has them.
+_INSTANCE_FIELDS = (
+    "index",
+    "uuid",
+    "name",
+    "numa_node",
+    "parent_index",  # MIG devices: their GPU, and their instance ids (the audit's keys)
+    "parent_uuid",
+    "gpu_instance_id",
+    "compute_instance_id",
+)
+
+
+def status_document(
+    service: Any, *, now: float, names: ProcessNames, audit: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The status of `service` (the agent's allocator, pool, lease extras, connections).
+
+    `now` is the monotonic clock the allocator's timestamps use; `names` caches who each
+    pid is; `audit` is the latest GPU audit (audit.py), None when none has run.
+    """
+    snap = service.allocator.snapshot()
+    extras = getattr(service, "extras", {})
+    leases = [_lease(item, extras.get(item["id"]), now, names) for item in snap["leases"]]
+    waiters = [_waiter(service, item, now, names) for item in snap["waiters"]]
+    names.forget_all_but([x["holder"]["pid"] for x in (*leases, *waiters)])
+    drained = {(d["type"], d["id"]): d["reason"] for d in snap["drained"]}
+    from ._version import __version__
+
+    return {
+        "schema": SCHEMA_VERSION,
+        "agent": {"pid": os.getpid(), "version": __version__},
+        "connections": len(getattr(service, "connections", ())),
+        "types": {t: dict(v) for t, v in snap["types"].items()},
+        "instances": _instances(service.pool, leases, drained, snap["vanished"]),
+        "leases": leases,
+        "waiters": waiters,
+        "drained": [{"type": t, "id": i, "reason": r} for (t, i), r in drained.items()],
+        "vanished": [
+            {"type": v["type"], "id": v["id"], "held": v["held"]} for v in snap["vanished"]
+        ],
+        "audit": audit,
+        # NVML failed at detection: no GPU is offered, and this says why (docs/gpus.md)
+        "gpus_unavailable": service.pool.additional_properties.get("gpus_unavailable") or None,
+    }
+
+
+def _holder(holder: dict[str, Any], names: ProcessNames) -> dict[str, Any]:
+    """pid, uid, gid and start time (the process's identity), user name and command."""
+    pid, uid, start = int(holder.get("pid", -1)), holder.get("uid"), holder.get("starttime")
+    described = names.describe(pid, uid, start)
+    return {**described, "uid": uid, "gid": holder.get("gid"), "starttime": start}
+
+
+def _lease(item: dict[str, Any], extras: Any, now: float, names: ProcessNames) -> dict[str, Any]:
+    # the current holder: a re-claim moves the lease to another process
+    holder = extras.holder.to_dict() if extras is not None else item["holder"]
+    return {
+        "id": item["id"],
+        "label": item["label"],
+        "holder": _holder(holder, names),
+        "age_s": round(max(0.0, now - item["granted_at"]), 3),
+        "resources": item["resources"],
+        "stale": bool(item["stale"]),
+    }
+
+
+def _waiter(service: Any, item: dict[str, Any], now: float, names: ProcessNames) -> dict[str, Any]:
+    from .requests import parse_request
+
+    since, deadline = item["since"], item["deadline"]
+    request = item["request"]
+    return {
+        "position": item["position"],
+        "holder": _holder(_waiter_holder(service, item["req_id"]), names),
+        "label": item["label"],
+        "request": request,
+        "request_text": str(parse_request(request)),
+        "waited_s": round(max(0.0, now - since), 3),
+        "timeout_s": None if deadline is None else round(deadline - since, 3),
+    }
+
+
+def _waiter_holder(service: Any, req_id: Any) -> dict[str, Any]:
+    """Whose lease a waiter asks for: the holder pid it named, else the connection's peer.
+
+    The request key is the server's: a record with `conn` and `owner`, or a tuple
+    `(connection number, call id, owner)`."""
+    owner = getattr(req_id, "owner", None)
+    conn = getattr(req_id, "conn", None)
+    if owner is None and isinstance(req_id, tuple) and len(req_id) == 3:
+        owner = req_id[2]
+        conn = getattr(service, "connections", {}).get(req_id[0])
+    peer = getattr(conn, "peer", None)
+    if isinstance(owner, tuple) and owner and owner[0] == "pid":
+        from .holders import process_uid
+
+        return {"pid": owner[1], "uid": process_uid(owner[1]), "starttime": owner[2]}
+    if peer is not None:
+        return peer.to_dict()
+    return {"pid": -1, "uid": None}
+
+
+def _instances(
+    pool: Any,
+    leases: list[dict[str, Any]],
+    drained: dict[tuple[str, str], str],
+    vanished: list[dict[str, Any]],
+) -> dict[str, list[dict[str, Any]]]:
+    """One row per instance of each type: capacity, use, the leases on it, drain reason."""
+    held: dict[tuple[str, str], list[tuple[str, int]]] = {}
+    for le in leases:
+        for rtype, items in le["resources"].items():
+            for it in items:
+                held.setdefault((rtype, str(it["id"])), []).append((le["id"], int(it["slots"])))
+    out: dict[str, list[dict[str, Any]]] = {}
+    for node in pool.nodes[:1]:  # an agent serves one node
+        for rtype, insts in node.resources.items():
+            rows = out.setdefault(rtype, [])
+            for inst in insts:
+                on = held.get((rtype, inst.id), [])
+                row: dict[str, Any] = {"id": inst.id, "slots": inst.slots}
+                row["used"] = sum(n for _, n in on)
+                row.update(
+                    {k: inst.properties[k] for k in _INSTANCE_FIELDS if k in inst.properties}
+                )
+                row["leases"] = [lid for lid, _ in on]
+                row["drained"] = drained.get((rtype, inst.id))
+                row["vanished"] = False
+                rows.append(row)
+    for v in vanished:  # held on an instance a reload removed: shown until released
+        on = held.get((v["type"], v["id"]), [])
+        out.setdefault(v["type"], []).append(
+            {
+                "id": v["id"],
+                "slots": 0,
+                "used": v["held"],
+                "leases": [lid for lid, _ in on],
+                "drained": drained.get((v["type"], v["id"])),
+                "vanished": True,
+            }
+        )
+    return out
