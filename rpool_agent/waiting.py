@@ -109,10 +109,9 @@ class WaitReport:
 
     def line(self, doc: dict[str, Any] | None) -> str:
         """`rpool-agent: waiting 12s for gpus=2: 1st in line; gpus held by ...`."""
-        from .status_text import format_age, printable
-
         from .errors import RpoolAgentError
         from .requests import parse_request
+        from .status_text import format_age, printable
 
         try:
             what = str(parse_request(self.what))
