@@ -185,6 +185,7 @@ def write_textfile(path: str, data: bytes) -> None:
             os.unlink(tmp, dir_fd=dfd)
             fd = os.open(tmp, flags, 0o644, dir_fd=dfd)
         try:
+            os.fchmod(fd, 0o644)  # node_exporter reads it as another user, whatever our umask
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)

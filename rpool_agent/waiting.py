@@ -161,6 +161,6 @@ def _is_tty(stream: TextIO) -> bool:
 
 def _columns(stream: TextIO) -> int:
     try:
-        return os.get_terminal_size(stream.fileno()).columns
+        return os.get_terminal_size(stream.fileno()).columns or 80  # 0: size never set
     except (AttributeError, ValueError, OSError):
         return 80

@@ -1,0 +1,145 @@
+"""`status`: the documented schema (docs/status.md) and the human view, from a real agent.
+
+Holders and waiters are real `rpool-agent run` processes; their user names and commands
+come from psutil in the agent, and are checked against what this test knows of them.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from agent_fixture import Agent, gpu_pool, running_agent, wait_until
+
+from rpool_agent.status_text import format_age, render_status, short_uuid
+
+RPOOL = [sys.executable, "-m", "rpool_agent.cli"]
+ME = pwd.getpwuid(os.getuid()).pw_name
+
+# The schema's objects and their keys, as docs/status.md lists them: a key added or
+# dropped here without the docs (and a schema bump for a dropped one) is a break.
+TOP = {"schema", "agent", "connections", "types", "instances", "leases", "waiters", "drained"}
+TOP |= {"vanished", "audit"}
+HOLDER = {"pid", "uid", "gid", "starttime", "user", "command"}
+LEASE = {"id", "label", "holder", "age_s", "resources", "stale"}
+WAITER = {"position", "holder", "label", "request", "request_text", "waited_s", "timeout_s"}
+INSTANCE = {"id", "slots", "used", "leases", "drained", "vanished"}
+INTERNAL = {"owner", "req_id", "granted_at", "since", "deadline", "token", "waiting_s"}
+
+
+def keys_anywhere(value: Any) -> set[str]:
+    if isinstance(value, dict):
+        return set(value).union(*(keys_anywhere(v) for v in value.values()))
+    if isinstance(value, list):
+        return set().union(*(keys_anywhere(v) for v in value))
+    return set()
+
+
+@contextmanager
+def busy_agent(tmp_path: Path) -> Iterator[tuple[Agent, subprocess.Popen[bytes], Any]]:
+    """4 GPUs: two held by `sleep` (label with a terminal escape), gpus:3 drained, and
+    a `run --gpus 2` waiting (one GPU is free, the request needs two)."""
+    with running_agent(tmp_path) as agent:
+        holder = subprocess.Popen(
+            [*RPOOL, "run", "--gpus", "2", "--label", "train\x1b[2J", "--", "sleep", "60"],
+            env=agent.env,
+        )
+        waiter = None
+        try:
+            wait_until(lambda: len(agent.status()["leases"]) == 1)
+            with agent.client() as c:
+                c.drain("gpus:3", "bad fan")
+            waiter = subprocess.Popen(
+                [*RPOOL, "run", "--gpus", "2", "--", "true"],
+                env=agent.env,
+                stderr=subprocess.DEVNULL,
+            )
+            wait_until(lambda: len(agent.status()["waiters"]) == 1)
+            yield agent, holder, waiter
+        finally:
+            for p in (holder, waiter):
+                if p is not None:
+                    p.kill()
+                    p.wait()
+
+
+def test_status_json_names_holders_and_waiters_and_leaks_nothing(tmp_path: Path) -> None:
+    with busy_agent(tmp_path) as (agent, holder, waiter):
+        doc = agent.status()
+    assert set(doc) == TOP and doc["schema"] == 1
+    assert not keys_anywhere(doc) & INTERNAL
+    assert doc["agent"]["pid"] == agent.proc.pid
+    assert doc["types"]["gpus"] == {"total": 4, "free": 1, "used": 2, "drained": 1, "stale": 0}
+
+    (lease,) = doc["leases"]
+    assert set(lease) == LEASE and set(lease["holder"]) == HOLDER
+    assert lease["holder"]["pid"] == holder.pid  # run execs: the command holds the lease
+    assert (lease["holder"]["user"], lease["holder"]["command"]) == (ME, "sleep")
+    assert lease["label"] == "train\x1b[2J" and lease["age_s"] >= 0
+    held = [g["id"] for g in lease["resources"]["gpus"]]
+
+    gpus = doc["instances"]["gpus"]
+    assert [g["id"] for g in gpus] == ["0", "1", "2", "3"]
+    for g in gpus:
+        assert set(g) >= INSTANCE
+        assert g["index"] == int(g["id"])
+        assert g["uuid"] == f"GPU-{int(g['id']):08x}-0000-0000-0000-000000000000"
+        assert g["leases"] == ([lease["id"]] if g["id"] in held else [])
+        assert g["used"] == (1 if g["id"] in held else 0)
+    assert [g["drained"] for g in gpus] == [None, None, None, "bad fan"]
+    assert doc["drained"] == [{"type": "gpus", "id": "3", "reason": "bad fan"}]
+
+    (w,) = doc["waiters"]
+    assert set(w) == WAITER and set(w["holder"]) == HOLDER
+    assert w["position"] == 1 and w["holder"]["pid"] == waiter.pid
+    assert w["holder"]["user"] == ME and w["holder"]["command"]  # python, before its exec
+    assert (w["request"], w["request_text"]) == ({"gpus": 2}, "gpus=2")
+    assert w["waited_s"] >= 0 and w["timeout_s"] is None
+    assert w["label"] == "true"
+
+
+def test_status_human_view_has_a_table_per_type(tmp_path: Path) -> None:
+    with busy_agent(tmp_path) as (agent, holder, waiter):
+        text = render_status(agent.status())
+    lines = text.splitlines()
+    assert lines[0] == "gpus: 1 of 4 slots free (2 used, 1 drained)"  # GPUs first
+    assert lines[1].split() == ["ID", "UUID", "STATE", "PID", "USER", "COMMAND", "LABEL", "AGE"]
+    rows = {ln.split()[0]: ln.split() for ln in lines[2:6]}
+    assert rows["3"][:3] == ["3", "GPU-00000003", "drained:"] and "bad fan" in lines[5]
+    held = [r for r in rows.values() if r[2] == "held"]
+    assert len(held) == 2
+    for r in held:
+        assert r[3:7] == [str(holder.pid), ME, "sleep", "train?[2J"]  # the escape defused
+    assert "\x1b" not in text
+    assert "  waiting:" in lines
+    at = lines.index("  waiting:")
+    assert lines[at + 1].split() == ["POS", "PID", "USER", "COMMAND", "REQUEST", "LABEL", "WAITED"]
+    assert lines[at + 2].split()[:2] == ["1", str(waiter.pid)]
+    assert "gpus=2" in lines[at + 2]
+    assert "cpus: 4 of 4 slots free" in lines and "  free: 0-3" in lines
+    assert lines[-1].startswith("GPU audit")
+    for bad in ("{'", "label=", "uid=", "('pid'", "('conn'"):  # no Python reprs, no uids
+        assert bad not in text
+
+
+def test_status_of_an_idle_agent_and_the_formatting_helpers(tmp_path: Path) -> None:
+    with running_agent(tmp_path, gpu_pool(2, 2)) as agent:
+        doc = agent.status()
+    assert doc["leases"] == [] and doc["waiters"] == [] and doc["drained"] == []
+    text = render_status(doc)
+    assert "gpus: 2 of 2 slots free" in text and "waiting" not in text
+    assert [format_age(s) for s in (0.4, 59, 61, 3600 * 3 + 420, 86400 * 2 + 3600 * 4)] == [
+        "0s",
+        "59s",
+        "1m01s",
+        "3h07m",
+        "2d04h",
+    ]
+    assert short_uuid("GPU-8a1b2c3d-0000-0000-0000-000000000000") == "GPU-8a1b2c3d"
+    assert short_uuid(None) == "-"
