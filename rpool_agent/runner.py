@@ -177,40 +177,7 @@ def _wait_report(client: Any, wanted: Any, quiet: bool, holder_pid: int | None =
 
 
 def format_status(snap: dict[str, Any]) -> str:
-    """A human table of `status`: slots per type, then leases, then waiters."""
-    lines = [f"{'TYPE':<10} {'TOTAL':>6} {'FREE':>6} {'USED':>6} {'DRAINED':>7}"]
-    for rtype, v in sorted(snap.get("types", {}).items()):
-        lines.append(
-            f"{rtype:<10} {v.get('total', 0):>6} {v.get('free', 0):>6} "
-            f"{v.get('used', 0):>6} {v.get('drained', 0):>7}"
-        )
-    if snap.get("gpus_unavailable"):
-        lines.append(f"GPUs unavailable: {snap['gpus_unavailable']}")
-    for d in snap.get("drained", []):
-        lines.append(
-            f"drained {d.get('type')}:{d.get('id')}"
-            + (f" ({d['reason']})" if d.get("reason") else "")
-        )
-    leases = snap.get("leases", [])
-    lines.append("")
-    lines.append(f"{len(leases)} lease(s)")
-    for le in leases:
-        h = le.get("holder") or {}
-        res = " ".join(
-            f"{t}:" + ",".join(str(i["id"]) for i in items)
-            for t, items in sorted((le.get("resources") or {}).items())
-        )
-        stale = " STALE(resource gone)" if le.get("stale") else ""
-        lines.append(
-            f"  {le.get('id')}  pid={h.get('pid')} uid={h.get('uid')} "
-            f"age={le.get('age_s', 0):.1f}s {res}"
-            + (f" label={le['label']!r}" if le.get("label") else "")
-            + stale
-        )
-    waiters = snap.get("waiters", [])
-    lines.append(f"{len(waiters)} waiter(s)")
-    for w in waiters:
-        lines.append(
-            f"  {w.get('label') or ''} waiting {w.get('waiting_s', 0):.1f}s for {w.get('request')}"
-        )
-    return "\n".join(lines)
+    """The human view of a status reply: one table per type (status_text.py)."""
+    from .status_text import render_status
+
+    return render_status(snap)

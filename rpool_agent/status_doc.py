@@ -101,21 +101,15 @@ def _waiter(service: Any, item: dict[str, Any], now: float, names: ProcessNames)
     }
 
 
-def _waiter_holder(service: Any, req_id: Any) -> dict[str, Any]:
-    """Whose lease a waiter asks for: the holder pid it named, else the connection's peer.
-
-    The request key is the server's: a record with `conn` and `owner`, or a tuple
-    `(connection number, call id, owner)`."""
-    owner = getattr(req_id, "owner", None)
-    conn = getattr(req_id, "conn", None)
-    if owner is None and isinstance(req_id, tuple) and len(req_id) == 3:
-        owner = req_id[2]
-        conn = getattr(service, "connections", {}).get(req_id[0])
-    peer = getattr(conn, "peer", None)
+def _waiter_holder(service: Any, pending: Any) -> dict[str, Any]:
+    """Whose lease a waiter asks for: the holder pid it named, else the connection's peer
+    (`pending` is the server's request record: its `owner` and `conn`)."""
+    owner = getattr(pending, "owner", None)
     if isinstance(owner, tuple) and owner and owner[0] == "pid":
         from .holders import process_uid
 
         return {"pid": owner[1], "uid": process_uid(owner[1]), "starttime": owner[2]}
+    peer = getattr(getattr(pending, "conn", None), "peer", None)
     if peer is not None:
         return peer.to_dict()
     return {"pid": -1, "uid": None}

@@ -541,7 +541,7 @@ def test_status_shows_the_holder_a_reclaim_moved_the_lease_to(tmp_path: Path) ->
 def test_a_waiting_request_id_reused_is_refused_without_internal_names(tmp_path: Path) -> None:
     """Each waiting acquire is one record keyed by its id on its connection: a second
     acquire with the same id is refused (the first still waits), the error names only the
-    id, and `status` shows the waiter's request id, not an internal key."""
+    id, and `status` shows the waiter's holder, not an internal key."""
     p = subprocess.Popen(["sleep", "300"])
     try:
         with running_agent(tmp_path, gpu_pool(1)) as agent:
@@ -553,7 +553,7 @@ def test_a_waiting_request_id_reused_is_refused_without_internal_names(tmp_path:
             assert (again["id"], again["ok"], again["error"]["code"]) == (7, False, "bad_request")
             assert "(" not in again["error"]["message"] and "pid" not in again["error"]["message"]
             [waiter] = agent.status()["waiters"]
-            assert waiter["req_id"] == 7
+            assert "req_id" not in waiter and waiter["holder"]["pid"] == p.pid  # docs/status.md
             assert c.call({"id": 8, "op": "cancel", "request_id": 7})["result"] == {
                 "cancelled": True
             }
