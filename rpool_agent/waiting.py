@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 import time
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    import threading
 
 #: Seconds between redraws on a terminal.
 REFRESH_S = 1.0
@@ -41,8 +43,8 @@ class WaitReport:
         self.refresh_s = refresh_s
         self.started = time.monotonic()
         self.position: int | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._stop: threading.Event | None = None  # made with the thread: `run` that is
+        self._thread: threading.Thread | None = None  # granted at once imports no threading
         self._drawn = False
 
     def event(self, event: dict[str, Any]) -> None:
@@ -54,13 +56,17 @@ class WaitReport:
         if not _is_tty(self.stream):
             self._write(self.line(self._status()) + "\n")
             return
+        import threading
+
+        self._stop = threading.Event()
         self._draw()
         self._thread = threading.Thread(target=self._refresh, name="wait-report", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
         """Stop redrawing and erase the line (the grant came, or the wait failed)."""
-        self._stop.set()
+        if self._stop is not None:
+            self._stop.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
@@ -77,6 +83,7 @@ class WaitReport:
     # --- drawing -------------------------------------------------------------------------
 
     def _refresh(self) -> None:
+        assert self._stop is not None
         while not self._stop.wait(self.refresh_s):
             self._draw()
 
@@ -85,7 +92,7 @@ class WaitReport:
         width = _columns(self.stream)
         if len(text) > width - 1:
             text = text[: width - 2] + "…"
-        if not self._stop.is_set():
+        if self._stop is None or not self._stop.is_set():
             self._write("\r\x1b[K" + text)
             self._drawn = True
 

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from agent_fixture import Agent, running_agent, wait_until
+from agent_fixture import Agent, answer_within, running_agent, wait_until
 
 RPOOL = [sys.executable, "-m", "rpool_agent.cli"]
 ME = pwd.getpwuid(os.getuid()).pw_name
@@ -46,11 +46,13 @@ def test_off_a_terminal_run_says_once_what_it_waits_for(tmp_path: Path) -> None:
             stderr=subprocess.PIPE,
             text=True,
         )
-        wait_until(lambda: len(agent.status()["waiters"]) == 1)
+        assert waiter.stderr is not None
+        with answer_within(30):
+            line = waiter.stderr.readline()  # said while it waits, not after
         holder.kill()  # the lease is reaped, the waiter granted
         _, err = waiter.communicate(timeout=30)
-    assert waiter.returncode == 0
-    (line,) = err.splitlines()
+    assert waiter.returncode == 0 and err == ""  # and said once
+    line = line.rstrip("\n")
     assert line.startswith("rpool-agent: waiting ")
     assert line.endswith(
         f"for gpus=1: position 1 in the queue; held by pid {holder.pid} ({ME}, sleep) "
