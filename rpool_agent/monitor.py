@@ -101,13 +101,18 @@ class Monitor:
             v for v in result["violations"] if (v["pid"], v["type"], v["gpu"]) not in self._reported
         ]
         self._reported = keys
-        log = getattr(self.service, "log", None)
-        if log is not None:
-            for line in audit_lines({"violations": new}):
-                log(line)
-            if result.get("problem") and self._audit_problem_new(result["problem"]):
-                log(f"audit: not possible: {result['problem']}")
+        for line in audit_lines({"violations": new}):
+            self._say(line, important=True)  # kept at log_level warning
+        if result.get("problem") and self._audit_problem_new(result["problem"]):
+            self._say(f"audit: not possible: {result['problem']}")
         return result
+
+    def _say(self, line: str, *, important: bool = False) -> None:
+        """A log line through the server's log, which honours `log_level` (info lines
+        are dropped at warning and above)."""
+        say = getattr(self.service, "_log", None)
+        if say is not None:
+            say(line, important=important)
 
     def _audit_problem_new(self, problem: str) -> bool:
         new = problem != getattr(self, "_last_problem", None)
@@ -128,7 +133,5 @@ class Monitor:
             self._write_failed = False
         except OSError as exc:
             if not self._write_failed:
-                log = getattr(self.service, "log", None)
-                if log is not None:
-                    log(f"metrics: cannot write {path}: {exc.strerror or exc}")
+                self._say(f"metrics: cannot write {path}: {exc.strerror or exc}", important=True)
             self._write_failed = True

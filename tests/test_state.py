@@ -266,13 +266,16 @@ def test_retried_acquire_gets_the_lease_whose_reply_a_crash_cut_off(tmp_path: Pa
     me = process_starttime(os.getpid())
     token = "f" * 32
     write_state(tmp_path, header(), grant("lost-reply", "0", os.getpid(), me, token=token))
-    with running_agent(tmp_path) as agent, agent.client() as c:
-        doc = c.call("acquire", request={"gpus": 1}, token=token)
-        assert doc["id"] == "lost-reply" and doc["token"] == token
-        (le,) = agent.status()["leases"]
-        assert le["id"] == "lost-reply" and le["owner"].startswith("('conn'")
-        other = c.call("acquire", request={"gpus": 1}, token="e" * 32)  # a new token: new lease
-        assert other["id"] != "lost-reply" and other["resources"]["gpus"][0]["id"] == "1"
+    with running_agent(tmp_path) as agent:
+        with agent.client() as c:
+            doc = c.call("acquire", request={"gpus": 1}, token=token)
+            assert doc["id"] == "lost-reply" and doc["token"] == token
+            (le,) = agent.status()["leases"]
+            assert le["id"] == "lost-reply" and le["holder"]["pid"] == os.getpid()
+            other = c.call("acquire", request={"gpus": 1}, token="e" * 32)  # new token: new lease
+            assert other["id"] != "lost-reply" and other["resources"]["gpus"][0]["id"] == "1"
+        # the retry bound the lease to the connection: closing it ends both leases
+        wait_until(lambda: agent.status()["leases"] == [])
 
 
 # --- crash consistency ---------------------------------------------------------------------
