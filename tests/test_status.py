@@ -25,7 +25,7 @@ ME = pwd.getpwuid(os.getuid()).pw_name
 # The schema's objects and their keys, as docs/status.md lists them: a key added or
 # dropped here without the docs (and a schema bump for a dropped one) is a break.
 TOP = {"schema", "agent", "connections", "types", "instances", "leases", "waiters", "drained"}
-TOP |= {"vanished", "audit"}
+TOP |= {"vanished", "audit", "gpus_unavailable"}
 HOLDER = {"pid", "uid", "gid", "starttime", "user", "command"}
 LEASE = {"id", "label", "holder", "age_s", "resources", "stale"}
 WAITER = {"position", "holder", "label", "request", "request_text", "waited_s", "timeout_s"}
