@@ -103,6 +103,25 @@ def test_a_pool_without_gpus_is_not_audited_and_nvml_trouble_is_said() -> None:
     assert render_audit({**out, "age_s": 3})[0].startswith("GPU audit (3s ago): every process")
 
 
+def audit_metric(path: Path, gpu: int) -> float | None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(path.read_text()):
+        for s in family.samples:
+            if s.name == "rpool_agent_audit_violations" and s.labels["id"] == str(gpu):
+                return s.value
+    return None
+
+
+def test_audit_without_nvml_says_so_in_one_line(tmp_path: Path) -> None:
+    with running_agent(tmp_path, gpu_pool(1, 1)) as agent:
+        env = {**agent.env, "LD_LIBRARY_PATH": str(tmp_path)}  # no libnvidia-ml.so.1 there
+        out = subprocess.run([*RPOOL, "audit"], env=env, capture_output=True, text=True)
+    assert (out.returncode, out.stdout) == (3, "")
+    assert out.stderr.startswith("rpool-agent: cannot audit the GPUs: NVML cannot be opened")
+    assert len(out.stderr.splitlines()) == 1
+
+
 def test_the_agent_audits_gpus_through_nvml(
     fake_nvml_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -159,17 +178,36 @@ def test_the_agent_audits_gpus_through_nvml(
             out = subprocess.run(
                 [*RPOOL, "audit", "--json"], env=agent.env, capture_output=True, text=True
             )
-            if out.returncode == 2 and "audit" in out.stderr and "No such command" in out.stderr:
-                pytest.skip("the audit command is wired in the CLI separately")
             assert out.returncode == 1, out.stderr  # 1: someone breaks the rules
             got = json.loads(out.stdout)
             assert sorted((v["pid"], v["gpu"], v["kind"]) for v in got["violations"]) == expected
+            table = subprocess.run([*RPOOL, "audit"], env=agent.env, capture_output=True, text=True)
+            lines = table.stdout.splitlines()
+            assert table.returncode == 1
+            assert lines[0] == "GPU audit: 2 processes use a GPU without a lease on it"
+            assert lines[1].split() == ["GPU", "UUID", "PID", "USER", "COMMAND", "KIND"]
+            rows = sorted(ln.split() for ln in lines[2:])
+            assert [str(intruder.pid), ME, "sleep", "compute"] in [r[2:] for r in rows]
+            shown = subprocess.run(
+                [*RPOOL, "status"], env=agent.env, capture_output=True, text=True
+            )
+            audit_part = shown.stdout.split("GPU audit (", 1)[1].splitlines()
+            assert audit_part[0].endswith("2 processes use a GPU without a lease on it")
+            short = uuid(mine)[:12]
+            assert [str(mine), short, str(intruder.pid), ME, "sleep", "compute"] in [
+                ln.split() for ln in audit_part
+            ]
 
             intruder.kill()
             intruder.wait()
             gpus[mine]["processes"] = f"{holder.pid},{child}"
             nf.write_config(config, gpus)
             wait_until(lambda: violations() == [(child, str(other), "graphics")])
+            gpus[other].pop("graphics_processes")
+            nf.write_config(config, gpus)
+            clean = subprocess.run([*RPOOL, "audit"], env=agent.env, capture_output=True, text=True)
+            assert clean.returncode == 0, clean.stdout + clean.stderr
+            assert clean.stdout == "GPU audit: every process on a GPU holds a lease on it\n"
         finally:
             for p in procs:
                 p.kill()

@@ -62,7 +62,7 @@ COMMANDS = sorted(entries(WIDE, "commands"))
 
 def test_the_command_set() -> None:
     expected = {"detect", "validate", "convert", "serve", "run", "acquire", "release"}
-    expected |= {"status", "drain", "undrain", "reload", "install-units", "export", "job"}
+    expected |= {"status", "audit", "drain", "undrain", "reload", "install-units", "export", "job"}
     assert set(COMMANDS) == expected
 
 

@@ -114,20 +114,28 @@ def test_quiet_says_nothing(tmp_path: Path, command: str) -> None:
         argv = (
             [*RPOOL, "run", *args, "--", "true"] if command == "run" else [*RPOOL, "acquire", *args]
         )
-        waiter = subprocess.Popen(
+        quiet = subprocess.Popen(
             argv, env=agent.env, stderr=subprocess.PIPE, text=True, stdout=subprocess.DEVNULL
         )
+        # a second waiter, queued after it, speaks: by then the quiet one would have too
+        loud = subprocess.Popen(
+            [*RPOOL, "run", "--gpus", "1", "--", "true"],
+            env=agent.env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
-            wait_until(lambda: len(agent.status()["waiters"]) == 1 or waiter.poll() is not None)
-            if waiter.poll() is not None and "--quiet" in (
-                waiter.stderr.read() if waiter.stderr else ""
-            ):
-                pytest.skip("--quiet is declared in the CLI separately")
+            wait_until(lambda: len(agent.status()["waiters"]) == 2)
+            assert loud.stderr is not None
+            with answer_within(30):
+                assert "position 2 in the queue" in loud.stderr.readline()
             holder.kill()
-            _, err = waiter.communicate(timeout=30)
+            _, err = quiet.communicate(timeout=30)
+            loud.communicate(timeout=30)
         finally:
-            waiter.kill()
-    assert waiter.returncode == 0 and err == ""
+            quiet.kill()
+            loud.kill()
+    assert quiet.returncode == 0 and err == ""
 
 
 def test_acquire_for_a_shell_says_it_waits(tmp_path: Path) -> None:
@@ -152,3 +160,15 @@ def test_acquire_for_a_shell_says_it_waits(tmp_path: Path) -> None:
     assert waiter.returncode == 0 and "export RPOOL_LEASE_ID=" in out
     (line,) = err.splitlines()
     assert "for gpus=1: position 1 in the queue; held by pid" in line
+
+
+def test_a_run_granted_at_once_loads_none_of_it(tmp_path: Path) -> None:
+    """No thread, no psutil, no second connection's rendering for the common case."""
+    with running_agent(tmp_path) as agent:
+        argv = [sys.executable, "-X", "importtime", *RPOOL[1:], "run", "--gpus", "1", "--", "true"]
+        done = subprocess.run(argv, env=agent.env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    loaded = {ln.rsplit("|", 1)[-1].strip() for ln in done.stderr.splitlines() if "|" in ln}
+    assert "rpool_agent.runner" in loaded
+    for heavy in ("threading", "psutil", "prometheus_client", "rich", "rpool_agent.status_text"):
+        assert heavy not in loaded, heavy

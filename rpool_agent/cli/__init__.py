@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 
-from . import agent, cluster, leases, pools, units
+from . import agent, audit, cluster, leases, pools, units
 from .options import PROG, UsageError, add_command, new_parser
 
 TYPE_CHECKING = False
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 COMMANDS = (
     *pools.COMMANDS,
     *leases.COMMANDS,
+    *audit.COMMANDS,
     *agent.COMMANDS,
     *cluster.COMMANDS,
     *units.COMMANDS,

@@ -49,8 +49,23 @@ def declare_release(p: argparse.ArgumentParser) -> None:
 
 
 def declare_status(p: argparse.ArgumentParser) -> None:
+    from .options import number
+
     p.add_argument(
-        "--json", dest="as_json", action="store_true", help="the agent's status reply as JSON"
+        "--json",
+        dest="as_json",
+        action="store_true",
+        help="the agent's status reply as JSON (schema: docs/status.md)",
+    )
+    p.add_argument(
+        "--watch", action="store_true", help="redraw the view as it changes, until Ctrl-C"
+    )
+    p.add_argument(
+        "--interval",
+        type=number(float, 0.1, "a number of seconds >= 0.1"),
+        default=0.5,
+        metavar="SECONDS",
+        help="with --watch: how often to ask the agent (default 0.5)",
     )
 
 
@@ -94,6 +109,16 @@ def status(args: argparse.Namespace) -> int:
     from ..client import Client
     from ..runner import format_status
 
+    if args.watch:
+        if args.as_json:
+            raise UsageError("--watch shows the human view; --json is for one reply")
+        if not args.interval < float("inf"):  # NaN and inf pass the type's minimum
+            raise UsageError(f"--interval: expected a number of seconds, got {args.interval}")
+        from ..status_watch import watch
+
+        with Client() as c:
+            watch(c, interval=args.interval)
+        return 0
     with Client() as c:
         snap = c.status()
     if args.as_json:

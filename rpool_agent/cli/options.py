@@ -185,6 +185,13 @@ def add_request(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--label", metavar="TEXT", help="shown in `status` next to the lease or waiter"
     )
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="say nothing while waiting (else stderr says what is awaited, the queue"
+        " position and who holds it; docs/status.md)",
+    )
 
 
 def request_args(args: argparse.Namespace) -> dict[str, object]:
@@ -195,6 +202,7 @@ def request_args(args: argparse.Namespace) -> dict[str, object]:
         "request": args.request,
         "timeout": args.timeout,
         "label": args.label,
+        "quiet": args.quiet,
     }
 
 
