@@ -117,6 +117,7 @@ def test_quiet_says_nothing(tmp_path: Path, command: str) -> None:
         quiet = subprocess.Popen(
             argv, env=agent.env, stderr=subprocess.PIPE, text=True, stdout=subprocess.DEVNULL
         )
+        wait_until(lambda: len(agent.status()["waiters"]) == 1)
         # a second waiter, queued after it, speaks: by then the quiet one would have too
         loud = subprocess.Popen(
             [*RPOOL, "run", "--gpus", "1", "--", "true"],
