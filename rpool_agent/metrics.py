@@ -15,7 +15,9 @@ only there, and only by an agent configured with a `metrics_file`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 from typing import Any
 
 #: Wait-time histogram buckets, seconds: a CI job waits for a GPU from nothing to hours.
@@ -177,6 +179,12 @@ def write_textfile(path: str, data: bytes) -> None:
     directory, name = os.path.split(os.path.abspath(path))
     dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
+        try:  # a device or a link there is not ours to replace (metrics_file: /dev/null)
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.EEXIST, "exists and is not a regular file", path)
+        except FileNotFoundError:
+            pass
         tmp = f".{name}.{os.getpid()}.tmp"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:

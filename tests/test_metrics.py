@@ -115,3 +115,15 @@ def test_write_textfile_never_follows_a_planted_link(tmp_path: Path) -> None:
     assert victim.read_text() == "precious"
     assert target.read_text() == "rpool_agent_leases 0\n" and not target.is_symlink()
     assert oct(target.stat().st_mode & 0o777) == "0o644"
+
+
+def test_write_textfile_replaces_only_a_regular_file(tmp_path: Path) -> None:
+    link = tmp_path / "link.prom"
+    link.symlink_to(tmp_path / "elsewhere")
+    fifo = tmp_path / "fifo.prom"
+    os.mkfifo(fifo)
+    for path in (link, fifo):  # as /dev/null would be: never replaced by a file
+        with pytest.raises(OSError, match="not a regular file"):
+            write_textfile(str(path), b"x 1\n")
+    assert link.is_symlink() and not (tmp_path / "elsewhere").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
