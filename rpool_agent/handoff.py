@@ -316,6 +316,18 @@ def substitute_args(args: Sequence[str], files: LeaseFiles) -> list[str]:
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+def lease_files_dir(directory: str) -> str:
+    """`directory`, the agent's own for per-lease files: made mode 0711 (others may pass,
+    not list), and refused if it is a link or anyone else's."""
+    os.makedirs(directory, mode=0o711, exist_ok=True)
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise PermissionDenied(f"{directory}: not a directory of uid {os.geteuid()}")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH | stat.S_IRGRP | stat.S_IROTH):
+        os.chmod(directory, 0o711, follow_symlinks=False)
+    return directory
+
+
 def _open_lease_dir(directory: str, mode: int) -> int:
     """A descriptor of `directory`: made with `mode`, or an existing one that is ours and
     real (not a link). Everything in it is then done through this descriptor."""

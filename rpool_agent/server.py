@@ -289,10 +289,6 @@ class Server(Service):
         loop.set_exception_handler(self._on_loop_error)
         if self.state is not None:  # before anyone can connect
             restore_leases(self, self.state)
-            for extras in self.extras.values():  # restored leases count under the caps
-                if extras.counted_uid is None:
-                    extras.counted_uid = extras.holder.uid
-                    self.uid_leases[extras.holder.uid] += 1
         if sock is None:
             sock = self._bind()
         self._server = await loop.create_unix_server(self.new_connection, sock=sock, backlog=512)

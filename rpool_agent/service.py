@@ -22,6 +22,7 @@ from typing import Any
 
 from . import protocol
 from .allocator import Allocator
+from .args import resource_arg, timeout_arg
 from .connection import Connection, Limits
 from .documents import PropertyIndex, lease_document
 from .errors import (
@@ -126,7 +127,7 @@ class Service:
     def op_acquire(self, conn: Connection, call: protocol.Call) -> Any:
         args = call.args
         request = parse_request(args.get("request"))
-        timeout = _timeout_arg(args.get("timeout"))
+        timeout = timeout_arg(args.get("timeout"))
         files = args.get("files")
         if files is not None and not isinstance(files, bool):
             raise ProtocolError("'files' must be true or false")
@@ -305,7 +306,7 @@ class Service:
 
     def op_drain(self, conn: Connection, call: protocol.Call) -> Any:
         self._require_admin(conn)
-        rtype, rid = _resource_arg(call.args.get("resource"))
+        rtype, rid = resource_arg(call.args.get("resource"))
         reason = call.args.get("reason") or ""
         if not isinstance(reason, str):
             raise ProtocolError("'reason' must be a string")
@@ -316,7 +317,7 @@ class Service:
 
     def op_undrain(self, conn: Connection, call: protocol.Call) -> Any:
         self._require_admin(conn)
-        rtype, rid = _resource_arg(call.args.get("resource"))
+        rtype, rid = resource_arg(call.args.get("resource"))
         self.dispatch(self.allocator.undrain(rtype, rid))
         self._log(f"undrain {rtype}:{rid}")
         self._save_drains()
@@ -465,10 +466,9 @@ class Service:
         The directory is the agent's, named by 32 random hex digits under the agent's own
         files directory (mode 0711: nobody can list it); as root, the files are created
         for the holder on their open descriptors (handoff.write_lease_files)."""
-        from .handoff import write_lease_files
+        from .handoff import lease_files_dir, write_lease_files
 
-        _private_parent(self.files_dir)
-        directory = os.path.join(self.files_dir, secrets.token_hex(16))
+        directory = os.path.join(lease_files_dir(self.files_dir), secrets.token_hex(16))
         owner = (holder.uid, holder.gid) if os.geteuid() == 0 and holder.uid > 0 else None
         return write_lease_files(doc, directory, owner=owner)
 
@@ -535,30 +535,6 @@ class Service:
         return lease_document(index, lease, token)
 
 
-def _timeout_arg(value: Any) -> float | None:
-    """Seconds >= 0 as a float, or None; a number no float can hold (401 digits) too is
-    malformed, not an OverflowError deep in the allocator."""
-    if value is None:
-        return None
-    bad = ProtocolError("'timeout' must be a number >= 0 or null")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise bad
-    try:
-        seconds = float(value)
-    except OverflowError:
-        raise bad from None
-    if not seconds >= 0 or seconds == float("inf"):
-        raise bad
-    return seconds
-
-
-def _resource_arg(value: Any) -> tuple[str, str]:
-    if not isinstance(value, str) or ":" not in value:
-        raise ProtocolError("'resource' must be 'TYPE:ID'")
-    rtype, _, rid = value.partition(":")
-    return rtype, rid
-
-
 def _fmt_held(held: tuple[Any, ...]) -> str:
     """`cpus:0,1 gpus:3x2` for the log: slots per id, grouped by type."""
     if len(held) == 1:
@@ -577,16 +553,3 @@ def uncount(counter: Counter[int], key: int) -> None:
         counter[key] = n
     else:
         counter.pop(key, None)
-
-
-def _private_parent(directory: str) -> None:
-    """The agent's directory for per-lease files: made mode 0711 (others may pass, not
-    list), and refused if it is a link or anyone else's."""
-    import stat
-
-    os.makedirs(directory, mode=0o711, exist_ok=True)
-    st = os.lstat(directory)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
-        raise PermissionDenied(f"{directory}: not a directory of uid {os.geteuid()}")
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH | stat.S_IRGRP | stat.S_IROTH):
-        os.chmod(directory, 0o711, follow_symlinks=False)
