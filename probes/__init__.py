@@ -1,6 +1,5 @@
 """Hardware probes, one module per kind of hardware, each reading through a system root.
 
 Installed as `rpool_agent.probes` (see pyproject.toml). Probes import nothing from
-`rpool_agent`; they return plain value types (`record.py`: they pass for dataclasses
-without importing `dataclasses`) and never print.
+`rpool_agent`; they return frozen dataclasses and never print.
 """

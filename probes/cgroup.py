@@ -23,8 +23,8 @@ up to the mount's root wins for the CPU quota (each level limits everything belo
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from .record import Frozen
 from .sysfs import Mount, Root, mounts
 
 _Reader = Callable[[Root, str], "tuple[int, int, str] | None"]
@@ -32,7 +32,8 @@ _Reader = Callable[[Root, str], "tuple[int, int, str] | None"]
 V2 = "/sys/fs/cgroup"
 
 
-class Cpuset(Frozen):
+@dataclass(frozen=True, slots=True)
+class Cpuset:
     """A cgroup cpuset that restricts this process, and the files it was read from."""
 
     cpus: tuple[int, ...]
@@ -42,7 +43,8 @@ class Cpuset(Frozen):
     mems_file: str | None = None
 
 
-class CpuQuota(Frozen):
+@dataclass(frozen=True, slots=True)
+class CpuQuota:
     """A CFS bandwidth limit: `quota_us` of CPU time every `period_us`, for the cgroup."""
 
     quota_us: int

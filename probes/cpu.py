@@ -12,10 +12,10 @@ numbers: `core_id` repeats across dies and NUMA nodes on real machines, and
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from .cgroup import CpuQuota, Cpuset, cpu_quota
 from .cgroup import cgroup_cpuset as _cgroup_cpuset
-from .record import Frozen
 from .sysfs import Root, as_root
 
 __all__ = ["CpuQuota", "CpuTopology", "Cpuset", "probe_cpus"]
@@ -23,7 +23,8 @@ __all__ = ["CpuQuota", "CpuTopology", "Cpuset", "probe_cpus"]
 CPU = "sys/devices/system/cpu"
 
 
-class Core(Frozen):
+@dataclass(frozen=True, slots=True)
+class Core:
     """One physical core: its online hardware threads (hyperthread siblings), ascending."""
 
     cpus: tuple[int, ...]
@@ -31,14 +32,16 @@ class Core(Frozen):
     core_id: int | None  # topology/core_id as the kernel says; NOT unique across dies
 
 
-class Package(Frozen):
+@dataclass(frozen=True, slots=True)
+class Package:
     """One socket: its online CPUs, ascending."""
 
     cpus: tuple[int, ...]
     physical_id: int | None  # physical_package_id; None where the kernel says -1
 
 
-class CpuTopology(Frozen):
+@dataclass(frozen=True, slots=True)
+class CpuTopology:
     """What `probe_cpus` found. `usable` = affinity ∩ cpuset ∩ online."""
 
     online: tuple[int, ...]

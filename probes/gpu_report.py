@@ -6,17 +6,18 @@ the probe that makes one.
 
 from __future__ import annotations
 
-from .record import Frozen
+from dataclasses import dataclass, fields
 
-TYPE_CHECKING = False  # not typing's: `detect` does not import typing (see record.py)
+TYPE_CHECKING = False  # not typing's: `detect` does not import typing
 if TYPE_CHECKING:
     from typing import Any
 
 
-def _to_dict(obj: Frozen) -> dict[str, Any]:
+def _to_dict(obj: Any) -> dict[str, Any]:
     """Fields as plain JSON values; `None` (absent) fields are left out, tuples become lists."""
     out: dict[str, Any] = {}
-    for name in obj._fields:
+    for f in fields(obj):
+        name = f.name
         value = getattr(obj, name)
         if value is None:
             continue
@@ -26,7 +27,8 @@ def _to_dict(obj: Frozen) -> dict[str, Any]:
     return out
 
 
-class MigDevice(Frozen):
+@dataclass(frozen=True, slots=True)
+class MigDevice:
     """One MIG device; `index` is its NVML slot under the parent (slots can be sparse)."""
 
     index: int
@@ -40,7 +42,8 @@ class MigDevice(Frozen):
         return _to_dict(self)
 
 
-class Gpu(Frozen):
+@dataclass(frozen=True, slots=True)
+class Gpu:
     """One physical GPU. `None` means NVML (or /proc) did not say: the field is absent."""
 
     index: int  # NVML index (PCI bus order), also under the /proc fallback
@@ -59,7 +62,8 @@ class Gpu(Frozen):
         return _to_dict(self)
 
 
-class GpuReport(Frozen):
+@dataclass(frozen=True, slots=True)
+class GpuReport:
     gpus: tuple[Gpu, ...]
     driver_version: str | None  # "550.54.15"
     cuda_driver_version: str | None  # "12.4"

@@ -7,20 +7,23 @@ memory on Grace/POWER) or CPUs and no memory. A kernel without NUMA support has 
 
 from __future__ import annotations
 
-from .record import Frozen
+from dataclasses import dataclass
+
 from .sysfs import Root, as_root
 
 NODE = "sys/devices/system/node"
 
 
-class NumaNode(Frozen):
+@dataclass(frozen=True, slots=True)
+class NumaNode:
     id: int
     cpus: tuple[int, ...]  # may be empty (memory-only node)
     memory_bytes: int | None  # MemTotal; 0 for a CPU-only node, None if unreadable
     distances: tuple[int, ...] | None  # to each node of NumaTopology.nodes, in that order
 
 
-class NumaTopology(Frozen):
+@dataclass(frozen=True, slots=True)
+class NumaTopology:
     nodes: tuple[NumaNode, ...]  # by node id
     source: str  # "sysfs", or "none" when the single node 0 was made up
 

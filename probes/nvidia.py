@@ -15,12 +15,12 @@ machine we run on, not the tree. See docs/gpus.md.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 from .gpu_report import Gpu, GpuReport, MigDevice
-from .record import replace
 from .sysfs import Root, as_root, parse_cpulist, parse_cpumask
 
-TYPE_CHECKING = False  # not typing's: `detect` does not import typing (see record.py)
+TYPE_CHECKING = False  # not typing's: `detect` does not import typing
 if TYPE_CHECKING:
     import re
     from collections.abc import Mapping

@@ -13,7 +13,7 @@ import contextlib
 
 from .nvidia import load_library, nvml_error
 
-TYPE_CHECKING = False  # not typing's (see record.py)
+TYPE_CHECKING = False  # not typing's: `detect` does not import typing
 if TYPE_CHECKING:
     from collections.abc import Iterable
 

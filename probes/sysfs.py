@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
-from .record import Frozen
-
-TYPE_CHECKING = False  # not typing's: `detect` does not import typing (see record.py)
+TYPE_CHECKING = False  # not typing's: `detect` does not import typing
 if TYPE_CHECKING:
     from pathlib import Path
     from typing import TypeVar
@@ -131,7 +130,8 @@ def _parsed(text: str | None, parse: Callable[[str], list[int]]) -> list[int] | 
         return None
 
 
-class Mount(Frozen):
+@dataclass(frozen=True, slots=True)
+class Mount:
     """One line of `/proc/self/mountinfo` (or `/proc/mounts`, which lacks `root`)."""
 
     mountpoint: str

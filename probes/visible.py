@@ -21,9 +21,9 @@ fewer GPUs, never one CUDA would hide. Pure: no environment, no files.
 
 from __future__ import annotations
 
-from .record import replace
+from dataclasses import replace
 
-TYPE_CHECKING = False  # not typing's: `detect` does not import typing (see record.py)
+TYPE_CHECKING = False  # not typing's: `detect` does not import typing
 if TYPE_CHECKING:
     from .gpu_report import Gpu, MigDevice
 

@@ -17,7 +17,7 @@ from ._version import __version__
 from .errors import ConfigError, ProbeError
 from .pool import MAX_SLOTS, Instance, Pool
 
-TYPE_CHECKING = False  # not typing's: `detect` does not import typing (see probes/record.py)
+TYPE_CHECKING = False  # not typing's: `detect` does not import typing
 if TYPE_CHECKING:
     from typing import Any
 
@@ -78,7 +78,8 @@ def topology_report(
     and the whole CPUs it leaves the pool, or None); gpus; mig_minors (each MIG device's
     capability-file minors, for Slurm's gres.conf).
     """
-    from .probes.record import plain
+    from dataclasses import asdict
+
     from .probes.sysfs import format_cpulist
 
     r = _root(root)
@@ -101,8 +102,8 @@ def topology_report(
         "allowed_cpu_nodelist": format_cpulist([n.id for n in numa.nodes if usable & set(n.cpus)]),
         "cpu_quota": _quota(cpu),
         "gpus": len(report.gpus),
-        "cpu": plain(cpu),
-        "numa": plain(numa),
+        "cpu": _lists(asdict(cpu)),
+        "numa": _lists(asdict(numa)),
         "nvidia": report.to_dict(),
         "mig_minors": _mig_minors(r, report),
     }
@@ -301,3 +302,12 @@ def _numa_summary(
             entry["memory_bytes"] = node.memory_bytes
         out[str(node.id)] = entry
     return out
+
+
+def _lists(value: Any) -> Any:
+    """`asdict`'s output with its tuples as lists: the shape the JSON document has."""
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_lists(v) for v in value]
+    return value

@@ -24,8 +24,8 @@ from __future__ import annotations
 import os
 import struct
 from collections import Counter
+from dataclasses import dataclass
 
-from .probes.record import Record
 from .probes.sysfs import format_cpulist
 
 TYPE_CHECKING = False
@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 MIB = 1 << 20
 
 
-class SlurmExport(Record):
+@dataclass(slots=True)
+class SlurmExport:
     """What `export slurm` prints: one slurm.conf line, gres.conf lines, stderr notes."""
 
     node_line: str
@@ -49,7 +50,8 @@ class SlurmExport(Record):
         return "\n".join(out) + "\n"
 
 
-class Layout(Record):
+@dataclass(slots=True)
+class Layout:
     """The node as Slurm will be told it: counts plus Slurm's logical core numbering."""
 
     sockets: int

@@ -24,11 +24,11 @@ import os
 import re
 import stat
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import PermissionDenied, PoolFormatError
 from .pool import Instance, Pool
-from .probes.record import Frozen
 
 #: `CUDA_VISIBLE_DEVICES` for a lease without GPUs. CUDA documents that enumeration stops
 #: at the first invalid entry, so "-1" hides every GPU; unlike "" it survives shell
@@ -48,7 +48,8 @@ FILE_VARS = ("RPOOL_CTEST_SPEC_FILE", "RPOOL_POOL_FILE", "RPOOL_POOL_NODES_FILE"
 _PLACEHOLDER = re.compile(r"\{(ctest_spec|pool_nodes|pool)\}")
 
 
-class LeasedGpu(Frozen):
+@dataclass(frozen=True, slots=True)
+class LeasedGpu:
     """One leased GPU or MIG device, with what CUDA needs to name it."""
 
     id: str  # pool id
@@ -80,7 +81,8 @@ class LeasedGpu(Frozen):
         return self.id
 
 
-class LeaseFiles(Frozen):
+@dataclass(frozen=True, slots=True)
+class LeaseFiles:
     """Paths of one lease's pool files (all inside `directory`, mode 0700)."""
 
     directory: str

@@ -1,7 +1,6 @@
 """Where the agent's socket and state live by default: root vs. user paths, environment.
 
-Apart from config.py because every client needs these and nothing else of it: config.py
-imports `dataclasses` (~8 ms), a share of each `rpool-agent run`.
+Apart from config.py because every client needs these and nothing else of it.
 """
 
 from __future__ import annotations

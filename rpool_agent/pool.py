@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 from .errors import PoolFormatError
-from .probes.record import Record
 
-TYPE_CHECKING = False  # not typing's: `detect` does not import typing (see probes/record.py)
+TYPE_CHECKING = False  # not typing's: `detect` does not import typing
 if TYPE_CHECKING:
     from typing import Any
 
@@ -34,39 +34,26 @@ INSTANCE_ID_RE = re.compile(r"^[a-z0-9_]+\Z")
 MAX_SLOTS = 4294967295
 
 
-class Instance(Record):
+@dataclass(slots=True)
+class Instance:
     """One allocatable thing: a core, a GPU, a MIG device... with `slots` units of capacity."""
 
     id: str
-    slots: int
-    properties: dict[str, Any]
-
-    def __init__(self, id: str, slots: int = 1, properties: dict[str, Any] | None = None) -> None:
-        self.id = id
-        self.slots = slots
-        self.properties = {} if properties is None else properties
+    slots: int = 1
+    properties: dict[str, Any] = field(default_factory=dict)
 
     def to_seed(self) -> dict[str, str | int]:
         """The `{id, slots}` shape that canary and CTest use."""
         return {"id": self.id, "slots": self.slots}
 
 
-class Node(Record):
+@dataclass(slots=True)
+class Node:
     """One machine's resources (this agent serves exactly one, but documents may hold more)."""
 
     id: str
-    resources: dict[str, list[Instance]]
-    additional_properties: dict[str, Any]
-
-    def __init__(
-        self,
-        id: str,
-        resources: dict[str, list[Instance]] | None = None,
-        additional_properties: dict[str, Any] | None = None,
-    ) -> None:
-        self.id = id
-        self.resources = {} if resources is None else resources
-        self.additional_properties = {} if additional_properties is None else additional_properties
+    resources: dict[str, list[Instance]] = field(default_factory=dict)
+    additional_properties: dict[str, Any] = field(default_factory=dict)
 
     def instance(self, rtype: str, rid: str) -> Instance | None:
         for inst in self.resources.get(rtype, ()):
@@ -75,19 +62,12 @@ class Node(Record):
         return None
 
 
-class Pool(Record):
+@dataclass(slots=True)
+class Pool:
     """A resource pool: pool-wide properties plus one or more nodes."""
 
-    nodes: list[Node]
-    additional_properties: dict[str, Any]
-
-    def __init__(
-        self,
-        nodes: list[Node] | None = None,
-        additional_properties: dict[str, Any] | None = None,
-    ) -> None:
-        self.nodes = [] if nodes is None else nodes
-        self.additional_properties = {} if additional_properties is None else additional_properties
+    nodes: list[Node] = field(default_factory=list)
+    additional_properties: dict[str, Any] = field(default_factory=dict)
 
     # --- construction -----------------------------------------------------------------
 

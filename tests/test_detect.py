@@ -9,13 +9,13 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import nvml_fixture as nf
 import pytest
 from rpool_agent.probes.nvidia import Gpu, GpuReport, MigDevice
-from rpool_agent.probes.record import replace
 
 from rpool_agent.detect import detect_pool, topology_report
 from rpool_agent.errors import ConfigError, ProbeError

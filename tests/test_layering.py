@@ -289,13 +289,10 @@ def test_detect_path_loads_no_server_and_no_yaml() -> None:
 DETECT_NEVER = (
     "typer",
     "click",
-    "dataclasses",  # imports inspect: probes/record.py instead
-    "inspect",
     "typing",  # TYPE_CHECKING = False
     "pathlib",  # Root joins strings
     "shutil",  # argparse's formatter imports it unless given a width (cli/options.py)
     "glob",
-    "copy",  # pool.copy_data
     "yaml",  # yaml_emit writes
     "asyncio",
     "rpool_agent.server",

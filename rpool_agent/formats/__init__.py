@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from ..errors import PoolFormatError
 from ..pool import Pool
-from ..probes.record import Record
 from . import canary_flat, canary_nodes, ctest
 from .validate import Problems, first_error, kind
 
-TYPE_CHECKING = False  # not typing's: `detect` does not import typing (see probes/record.py)
+TYPE_CHECKING = False  # not typing's: `detect` does not import typing
 if TYPE_CHECKING:
     from typing import Any
 
@@ -47,7 +47,8 @@ __all__ = [
 ]
 
 
-class Checked(Record):
+@dataclass(slots=True)
+class Checked:
     """What reading a document found: its form, the pool (None if unusable), every problem."""
 
     format: str

@@ -20,7 +20,7 @@ from ..errors import PoolFormatError
 from ..pool import Instance, Node, Pool, copy_data
 from .validate import Problems, at, read_resources
 
-TYPE_CHECKING = False  # not typing's: `detect` does not import typing (see probes/record.py)
+TYPE_CHECKING = False  # not typing's: `detect` does not import typing
 if TYPE_CHECKING:
     from typing import Any
 

@@ -18,7 +18,7 @@ from ..errors import PoolFormatError
 from ..pool import INSTANCE_ID_RE, MAX_SLOTS, TYPE_NAME_RE, Pool
 from .validate import Problems, at, kind, read_resources
 
-TYPE_CHECKING = False  # not typing's: `detect` does not import typing (see probes/record.py)
+TYPE_CHECKING = False  # not typing's: `detect` does not import typing
 if TYPE_CHECKING:
     from typing import Any
 

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from ..errors import PoolFormatError
 from ..pool import INSTANCE_ID_RE, MAX_SLOTS, TYPE_NAME_RE, Instance
 
-TYPE_CHECKING = False  # not typing's: `detect` does not import typing (see probes/record.py)
+TYPE_CHECKING = False  # not typing's: `detect` does not import typing
 if TYPE_CHECKING:
     from typing import Any
 

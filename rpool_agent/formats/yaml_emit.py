@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 from ..errors import PoolFormatError
 
-TYPE_CHECKING = False  # not typing's: `detect` does not import typing (see probes/record.py)
+TYPE_CHECKING = False  # not typing's: `detect` does not import typing
 if TYPE_CHECKING:
     from typing import Any
 
