@@ -289,8 +289,8 @@ def nvml_error(where: str, err: BaseException) -> str:
 
 def load_library() -> str | None:
     """None when `libnvidia-ml.so.1` loads, else why not. pynvml's own first step, done
-    first: importing pynvml costs 10-50 ms, a failing `dlopen` about 2 ms with ctypes'
-    import, and most nodes a CI pool runs on have no NVIDIA driver."""
+    first: importing pynvml costs far more than a failing `dlopen` with ctypes' import,
+    and most nodes a CI pool runs on have no NVIDIA driver."""
     import ctypes
 
     try:

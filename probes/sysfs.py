@@ -23,8 +23,8 @@ _MISSING: object = object()
 class Root:
     """A system root: `/` on the live machine, or a recorded tree in tests.
 
-    Paths are joined as strings: `pathlib` costs ~4 ms to import, and `detect` runs in
-    every job's prologue. `path` and `join` still give `Path`s to whoever asks.
+    Paths are joined as strings: `detect` runs in every job's prologue and does not import
+    `pathlib` (docs/detect.md). `path` and `join` still give `Path`s to whoever asks.
     """
 
     __slots__ = ("_base", "dir")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ._version import __version__
 
-TYPE_CHECKING = False  # not typing's: importing typing costs ~3 ms of every command
+TYPE_CHECKING = False  # not typing's: every command would pay for importing typing
 if TYPE_CHECKING:
     from typing import Any
 

@@ -123,9 +123,8 @@ class Pool:
 def copy_data(value: Any) -> Any:
     """A deep copy of document data (what writers put in a document from the model).
 
-    Dicts, lists and scalars are copied here, anything else by `copy.deepcopy`: the `copy`
-    module (with `weakref`) costs ~1 ms that `detect` does not need. Unlike `deepcopy`, a
-    list that appears twice comes out as two lists (no written form can tell).
+    Dicts, lists and scalars are copied here, anything else by `copy.deepcopy`. Unlike
+    `deepcopy`, a list that appears twice comes out as two lists (no written form can tell).
     """
     t = type(value)
     if t is dict:

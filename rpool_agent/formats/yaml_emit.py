@@ -1,7 +1,7 @@
 """A small YAML emitter for pool documents, so writing one never imports PyYAML.
 
-`import yaml` costs about 12 ms, as much as Python's own start-up, and `rpool-agent
-detect` writes a canary pool on every call. Pool documents are plain data (mappings,
+`import yaml` costs about as much as Python's own start-up (docs/detect.md), and
+`rpool-agent detect` writes a canary pool on every call. Pool documents are plain data (mappings,
 lists, strings, numbers, booleans, null), so block style plus two scalar styles cover
 them: a string is written plain only when it starts with a letter, holds only
 `[A-Za-z0-9_./-]` and is none of YAML 1.1's boolean/null words; everything else is
