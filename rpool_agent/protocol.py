@@ -9,7 +9,8 @@ reference for every operation and error code.
 from __future__ import annotations
 
 import json
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any
 
 from .errors import (
     MessageTooLarge,
@@ -113,7 +114,8 @@ def decode_frame(line: bytes) -> Any:
         return ProtocolError(f"malformed message: {detail[:200]}")
 
 
-class Call(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Call:
     """A validated client request: `{"id": ..., "op": ..., **args}`."""
 
     id: int | str | None

@@ -45,7 +45,7 @@ LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # layer: (its modules, the layers below it that it may import)
     "probes": (PROBES_LAYER, ()),
     "base": (BASE, ()),
-    "core": (CORE, ("base", "probes.record")),
+    "core": (CORE, ("base",)),
     "shell": ((), ("probes", "base", "core")),
     "top": (TOP, ("probes", "base", "core", "shell")),
 }
@@ -186,7 +186,7 @@ def test_no_import_cycles() -> None:
         ({"server": {"cli"}}, ["server (shell) imports cli (top)"]),
         ({"client": {"cli.options"}}, ["client (shell) imports cli.options (top)"]),
         ({"cli.agent": {"server", "probes.cpu", "allocator"}, "server": {"probes.sysfs"}}, []),
-        ({"pool": {"probes.record"}}, []),
+        ({"pool": {"probes.record"}}, ["pool (core) imports probes.record (probes)"]),
         ({"pool": {"probes.cpu"}}, ["pool (core) imports probes.cpu (probes)"]),
     ],
 )

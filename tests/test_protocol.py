@@ -93,7 +93,8 @@ def test_parse_call(frame: Any, expected: tuple[Any, Any, Any]) -> None:
             protocol.parse_call(frame)
         assert protocol.request_id_of(info.value) == rid
     else:
-        assert tuple(protocol.parse_call(frame)) == expected
+        call = protocol.parse_call(frame)
+        assert (call.id, call.op, call.args) == expected
 
 
 def test_a_decoding_error_is_raised_by_parse_call() -> None:
