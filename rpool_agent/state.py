@@ -55,6 +55,10 @@ LOCK_NAME = "lock"
 #: An admin creates this file in the state dir to start with no leases (`docs/durability.md`).
 FORGET_NAME = "forget-leases"
 
+#: A snapshot of fewer bytes than this (about 250 leases) is written on the loop: no
+#: fsync, so it costs about what a burst of appends does; a larger one, in a thread.
+INLINE_SNAPSHOT_BYTES = 128 << 10
+
 #: Compact once the journal holds this many lines more than twice the live leases
 #: (`RPOOL_AGENT_COMPACT_SLACK` overrides it: tests and the bench compact often).
 COMPACT_SLACK = 2048
@@ -486,14 +490,18 @@ class StateStore:
     # --- compaction -----------------------------------------------------------------------
 
     def _compact(self) -> None:
-        """Snapshot the live leases in a worker thread; `_compacted` finishes on the loop."""
+        """Snapshot the live leases: a large snapshot in a worker thread (`_compacted`
+        finishes on the loop), a small one right here, where writing it to the page cache
+        costs less than handing it to a thread (bench/lease.py --compact-slack)."""
         import asyncio
 
         lines = list(self._live.values())
         self._compacting = []
         try:
             loop = asyncio.get_running_loop()
-        except RuntimeError:  # no loop (a test driving a store alone): right here
+        except RuntimeError:  # no loop (a test driving a store alone)
+            loop = None
+        if loop is None or len(lines) * 512 < INLINE_SNAPSHOT_BYTES:  # lines: ~300-500 B
             self._compacted(None, lambda: _snapshot(self._dir_fd, lines))
             return
         if self._pool is None:

@@ -197,6 +197,7 @@ def test_compaction_runs_in_a_worker_thread_without_fsync_and_keeps_lines_writte
         return real_snapshot(dir_fd, lines)
 
     monkeypatch.setattr(state_mod, "_snapshot", held_snapshot)
+    monkeypatch.setattr(state_mod, "INLINE_SNAPSHOT_BYTES", 0)  # however small: the thread
     path = tmp_path / "state" / FILE_NAME
     log: list[str] = []
 
