@@ -41,9 +41,10 @@ def status_document(
     """
     snap = service.allocator.snapshot()
     extras = getattr(service, "extras", {})
-    leases = [_lease(item, extras.get(item["id"]), now, names) for item in snap["leases"]]
-    waiters = [_waiter(service, item, now, names) for item in snap["waiters"]]
-    names.forget_all_but([x["holder"]["pid"] for x in (*leases, *waiters)])
+    holders = _Holders(names)
+    leases = [_lease(item, extras.get(item["id"]), now, holders) for item in snap["leases"]]
+    waiters = [_waiter(service, item, now, holders) for item in snap["waiters"]]
+    names.forget_all_but(holders.pids())
     drained = {(d["type"], d["id"]): d["reason"] for d in snap["drained"]}
     from ._version import __version__
 
@@ -65,34 +66,51 @@ def status_document(
     }
 
 
-def _holder(holder: dict[str, Any], names: ProcessNames) -> dict[str, Any]:
-    """pid, uid, gid and start time (the process's identity), user name and command."""
-    pid, uid, start = int(holder.get("pid", -1)), holder.get("uid"), holder.get("starttime")
-    described = names.describe(pid, uid, start)
-    return {**described, "uid": uid, "gid": holder.get("gid"), "starttime": start}
+class _Holders:
+    """The `holder` objects of one status document, one per process: a node's leases
+    mostly share a few holders (a harness's workers), and 10,000 leases need not make
+    10,000 copies of the same user and command."""
+
+    def __init__(self, names: ProcessNames) -> None:
+        self.names = names
+        self.made: dict[tuple[Any, ...], dict[str, Any]] = {}
+
+    def of(self, holder: dict[str, Any]) -> dict[str, Any]:
+        """pid, uid, gid and start time (the process's identity), user name and command."""
+        pid, uid, start = int(holder.get("pid", -1)), holder.get("uid"), holder.get("starttime")
+        key = (pid, uid, holder.get("gid"), start)
+        made = self.made.get(key)
+        if made is None:
+            described = self.names.describe(pid, uid, start)
+            made = {**described, "uid": uid, "gid": key[2], "starttime": start}
+            self.made[key] = made
+        return made
+
+    def pids(self) -> list[int]:
+        return [key[0] for key in self.made]
 
 
-def _lease(item: dict[str, Any], extras: Any, now: float, names: ProcessNames) -> dict[str, Any]:
+def _lease(item: dict[str, Any], extras: Any, now: float, holders: _Holders) -> dict[str, Any]:
     # the current holder: a re-claim moves the lease to another process
     holder = extras.holder.to_dict() if extras is not None else item["holder"]
     return {
         "id": item["id"],
         "label": item["label"],
-        "holder": _holder(holder, names),
+        "holder": holders.of(holder),
         "age_s": round(max(0.0, now - item["granted_at"]), 3),
         "resources": item["resources"],
         "stale": bool(item["stale"]),
     }
 
 
-def _waiter(service: Any, item: dict[str, Any], now: float, names: ProcessNames) -> dict[str, Any]:
+def _waiter(service: Any, item: dict[str, Any], now: float, holders: _Holders) -> dict[str, Any]:
     from .requests import parse_request
 
     since, deadline = item["since"], item["deadline"]
     request = item["request"]
     return {
         "position": item["position"],
-        "holder": _holder(_waiter_holder(service, item["req_id"]), names),
+        "holder": holders.of(_waiter_holder(service, item["req_id"])),
         "label": item["label"],
         "request": request,
         "request_text": str(parse_request(request)),
@@ -128,18 +146,23 @@ def _instances(
             for it in items:
                 held.setdefault((rtype, str(it["id"])), []).append((le["id"], int(it["slots"])))
     out: dict[str, list[dict[str, Any]]] = {}
+    none: list[str] = []  # shared by every idle row: the document is encoded, not kept
     for node in pool.nodes[:1]:  # an agent serves one node
         for rtype, insts in node.resources.items():
             rows = out.setdefault(rtype, [])
             for inst in insts:
-                on = held.get((rtype, inst.id), [])
-                row: dict[str, Any] = {"id": inst.id, "slots": inst.slots}
-                row["used"] = sum(n for _, n in on)
-                row.update(
-                    {k: inst.properties[k] for k in _INSTANCE_FIELDS if k in inst.properties}
-                )
-                row["leases"] = [lid for lid, _ in on]
-                row["drained"] = drained.get((rtype, inst.id))
+                key = (rtype, inst.id)
+                on = held.get(key)
+                row: dict[str, Any] = {
+                    "id": inst.id,
+                    "slots": inst.slots,
+                    "used": sum(n for _, n in on) if on else 0,
+                }
+                props = inst.properties
+                if props:
+                    row.update({k: props[k] for k in _INSTANCE_FIELDS if k in props})
+                row["leases"] = [lid for lid, _ in on] if on else none
+                row["drained"] = drained.get(key) if drained else None
                 row["vanished"] = False
                 rows.append(row)
     for v in vanished:  # held on an instance a reload removed: shown until released

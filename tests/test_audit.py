@@ -212,3 +212,39 @@ def test_the_agent_audits_gpus_through_nvml(
             for p in procs:
                 p.kill()
                 p.wait()
+
+
+_LIST = """
+import json
+from rpool_agent.audit import gpu_processes
+print(json.dumps(gpu_processes()))
+"""
+
+
+def test_process_lists_as_pynvml_reads_them_from_the_fake(
+    fake_nvml_dir: Path, tmp_path: Path
+) -> None:
+    """The real pynvml against the fake's process lists: the two-call size protocol,
+    the v3 structure's MIG instance ids, and a GPU whose list NVML refuses."""
+    config = nf.write_config(
+        tmp_path / "nvml.conf",
+        [
+            {"uuid": uuid(0), "processes": "4242:1048576,4243@7.0", "graphics_processes": "4244"},
+            {"uuid": uuid(1), "fail": "processes:3"},
+        ],
+    )
+    log = tmp_path / "calls"
+    env = {**nf.clean_environ(), "LD_LIBRARY_PATH": str(fake_nvml_dir)}
+    env.update(FAKE_NVML_CONFIG=str(config), FAKE_NVML_LOG=str(log))
+    done = subprocess.run([sys.executable, "-c", _LIST], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    uses, notes = json.loads(done.stdout)
+    assert uses == [
+        {"index": 0, "uuid": uuid(0), "pid": 4242, "kind": "compute", "gi": None, "ci": None},
+        {"index": 0, "uuid": uuid(0), "pid": 4243, "kind": "compute", "gi": 7, "ci": 0},
+        {"index": 0, "uuid": uuid(0), "pid": 4244, "kind": "graphics", "gi": None, "ci": None},
+    ]
+    assert notes == ["GPU 1: cannot list its processes: Not Supported"]
+    calls = log.read_text().split()
+    assert "nvmlDeviceGetComputeRunningProcesses_v3" in calls
+    assert calls.count("nvmlInit") == calls.count("nvmlShutdown") == 1
