@@ -279,6 +279,8 @@ class StateStore:
         self._closed = False
         self._failing = False  # the last write failed; said so once
         self._dirty = False  # a write failed: the file needs a snapshot
+        self._compact_failing = False  # the last compaction failed; said so once
+        self._retry_at = 0  # after a failed compaction: not before this many lines
         self._compacting: list[bytes] | None = None  # lines written since the snapshot
         self._job: Any = None  # the snapshot being written (a concurrent.futures.Future)
         self._pool: Any = None  # its one worker thread, started at the first compaction
@@ -476,6 +478,16 @@ class StateStore:
                 "be granted are refused until the journal can be written again."
             )
 
+    def _compact_failed(self, exc: Exception) -> None:
+        """A snapshot could not be written (a disk nearly full takes an append, not a
+        snapshot): appending goes on; retried after `compact_slack` more records."""
+        self._dirty = True
+        self._retry_at = self._lines + self.compact_slack
+        if not self._compact_failing:
+            self._compact_failing = True
+            why = getattr(exc, "strerror", None) or exc
+            self._log(f"state: compacting {self.path} failed: {why}; records are still appended")
+
     def _end_of_turn(self) -> None:
         self.flush()
         if self._pending:  # an undo recorded more: the server calls us again
@@ -484,6 +496,7 @@ class StateStore:
             self._fd is not None
             and self._compacting is None
             and (self._dirty or self._lines > self.compact_slack + 2 * len(self._live))
+            and self._lines >= self._retry_at
         ):
             self._compact()
 
@@ -522,16 +535,16 @@ class StateStore:
         try:
             fd, tmp = result()
         except (OSError, ConfigError) as exc:
-            self._write_failed(exc if isinstance(exc, OSError) else OSError(str(exc)))
+            self._compact_failed(exc)
             return
         try:
             write_all(fd, b"".join(since))
             self._install(fd, tmp)
         except OSError as exc:
             _discard(fd, tmp, self._dir_fd)
-            self._write_failed(exc)
+            self._compact_failed(exc)
             return
-        self._dirty = False
+        self._dirty = self._compact_failing = False
         if self._failing:
             self._failing = False
             self._log(f"state: {self.path} is written again")

@@ -309,3 +309,34 @@ def test_an_admin_drain_outlives_a_restart_written_durably_off_the_loop(tmp_path
         agent.restart()
         assert agent.status()["drained"] == []
         c.close()
+
+
+def test_a_snapshot_that_cannot_be_written_leaves_appending_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk nearly full takes a record but not a snapshot (made to fail here with
+    ENOSPC, as no real disk can be filled to that point safely): records go on being
+    appended, it is said once, and compaction is retried only after more records."""
+    import errno
+
+    attempts: list[int] = []
+
+    def no_space(dir_fd: int, lines: list[bytes]) -> Any:
+        attempts.append(len(lines))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    log: list[str] = []
+    store = StateStore(tmp_path / "state", compact_slack=4)
+    store.open(log.append)
+    ends: list[Any] = []
+    store.start([], at_turn_end=ends.append, log=log.append)
+    monkeypatch.setattr(state_mod, "_snapshot", no_space)
+    for i in range(30):
+        store.record_grant(f"l{i}", grant(f"l{i}", "0", ME, 5)["grant"])
+        if i:
+            store.record_end(f"l{i - 1}")
+        ends[-1]()  # each loop turn: its records are appended, then maybe a compaction
+    assert list(load_records(tmp_path / "state" / FILE_NAME)[1]) == ["l29"]
+    assert sum("compacting" in line for line in log) == 1 and len(log) == 1
+    assert 1 < len(attempts) <= 59 // 4  # retried, at most once per 4 (the slack) records
+    store.close()
