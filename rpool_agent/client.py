@@ -18,10 +18,13 @@ import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from . import protocol
 from .errors import AgentUnavailable, ProtocolError, RequestError, RpoolAgentError, UnknownLease
+
+TYPE_CHECKING = False  # not typing's: importing typing costs every `rpool-agent run`
+if TYPE_CHECKING:
+    from typing import Any
 
 #: Replies can be far larger than requests (`status` of a busy node lists every lease and
 #: waiter); the agent is trusted, so the client's bound is only against a runaway stream.

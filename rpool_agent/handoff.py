@@ -25,10 +25,13 @@ import re
 import stat
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from .errors import PermissionDenied, PoolFormatError
 from .pool import Instance, Pool
+
+TYPE_CHECKING = False  # not typing's: importing typing costs every `rpool-agent run`
+if TYPE_CHECKING:
+    from typing import Any
 
 #: `CUDA_VISIBLE_DEVICES` for a lease without GPUs. CUDA documents that enumeration stops
 #: at the first invalid entry, so "-1" hides every GPU; unlike "" it survives shell

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
 
 from .errors import ConfigError
+
+TYPE_CHECKING = False  # not typing's: importing typing costs every `rpool-agent run`
+if TYPE_CHECKING:
+    from typing import Any
 
 SYSTEM_SOCKET = "/run/rpool-agent/agent.sock"
 SYSTEM_STATE_DIR = "/var/lib/rpool-agent"

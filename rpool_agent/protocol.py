@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
 
 from .errors import (
     MessageTooLarge,
@@ -19,6 +18,10 @@ from .errors import (
     UnknownOperation,
     VersionMismatch,
 )
+
+TYPE_CHECKING = False  # not typing's: importing typing costs every `rpool-agent run`
+if TYPE_CHECKING:
+    from typing import Any
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024

@@ -12,9 +12,12 @@ import json
 import os
 import shlex
 import sys
-from typing import Any
 
 from .errors import ConfigError, RequestError
+
+TYPE_CHECKING = False  # not typing's: importing typing costs every `rpool-agent run`
+if TYPE_CHECKING:
+    from typing import Any
 
 #: `run`'s own failure (no agent, refused, timed out), told apart from the command's
 #: statuses as env(1) and timeout(1) do: 126 cannot execute, 127 not found.
