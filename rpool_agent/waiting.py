@@ -13,10 +13,11 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Any, TextIO
 
+TYPE_CHECKING = False  # not typing's: importing typing costs every `rpool-agent run`
 if TYPE_CHECKING:
     import threading
+    from typing import Any, TextIO
 
 #: Seconds between redraws on a terminal.
 REFRESH_S = 1.0
