@@ -69,11 +69,23 @@ def declare_status(p: argparse.ArgumentParser) -> None:
     )
 
 
+def quiet_ctrl_c() -> None:
+    """Ctrl-C while a lease is awaited exits 130 at once, wherever the interpreter is: a
+    KeyboardInterrupt that lands mid-import (the wait report imports as it first draws)
+    could end the process by SIGINT instead, and nothing needs undoing: the request goes
+    with the connection. exec gives the command the default SIGINT back."""
+    import os
+    import signal
+
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+
+
 def run(args: argparse.Namespace) -> int:
     from ..errors import RpoolAgentError
     from ..runner import RUN_FAILED, run_in_lease
 
     cmd = command_of(args)
+    quiet_ctrl_c()
     try:
         return run_in_lease(cmd, **request_args(args))  # type: ignore[arg-type]
     except RpoolAgentError as exc:
@@ -92,6 +104,7 @@ def command_of(args: argparse.Namespace) -> list[str]:
 def acquire(args: argparse.Namespace) -> int:
     from ..runner import acquire_for_script
 
+    quiet_ctrl_c()
     echo(acquire_for_script(holder=args.holder, **request_args(args)))  # type: ignore[arg-type]
     return 0
 
