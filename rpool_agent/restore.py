@@ -8,6 +8,7 @@ per-lease files removed. Then the store starts a fresh journal holding what was 
 
 from __future__ import annotations
 
+import gc
 import os
 from typing import Any
 
@@ -19,13 +20,23 @@ from .state import StateStore
 
 def restore_leases(server: Any, store: StateStore) -> None:
     """Re-adopt what `store` recorded into `server` (its allocator, extras and pid watch),
-    then start the store's new journal. ConfigError if the state dir cannot be used."""
-    records = store.open(server.log)
-    kept: list[str] = []
-    dropped: list[str] = []
-    me = os.getpid()
-    for rec in records.values():
-        (kept if _adopt(server, store, rec, me) else dropped).append(rec["id"])
+    then start the store's new journal. ConfigError if the state dir cannot be used.
+
+    The cyclic garbage collector is paused meanwhile: reading and re-adopting builds a
+    dozen objects per lease and no cyclic garbage, and each of the collector's passes
+    over the growing heap cost more than that work (bench/growth.py, restart row)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        records = store.open(server.log)
+        kept: list[str] = []
+        dropped: list[str] = []
+        me = os.getpid()
+        for rec in records.values():
+            (kept if _adopt(server, store, rec, me) else dropped).append(rec["id"])
+    finally:
+        if was_enabled:
+            gc.enable()
     for lease_id in dropped:
         files = _lease_files(records[lease_id].get("files"))
         if files is not None:
