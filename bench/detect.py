@@ -71,6 +71,30 @@ def script_python(script: str) -> str:
     return first[2:].strip().split()[0]
 
 
+def add_install_options(parser: argparse.ArgumentParser) -> None:
+    """--python / --script / --against: which installs to time (bench/run.py too)."""
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
+        "--python", help="measure the install this interpreter sees (default: this one)"
+    )
+    which.add_argument("--script", help="measure this rpool-agent script (and its #! python)")
+    parser.add_argument(
+        "--against",
+        action="append",
+        default=[],
+        metavar="SCRIPT",
+        help="also time this rpool-agent script in the same loop (e.g. an older install)",
+    )
+
+
+def chosen_install(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """(the interpreter, the command that runs rpool-agent) from add_install_options'."""
+    if args.script:
+        return script_python(args.script), [args.script]
+    py = args.python or sys.executable
+    return py, agent_command(py)
+
+
 # An installed package runs from cached bytecode; with PYTHONDONTWRITEBYTECODE set (as in
 # some CI images) every start-up would recompile our modules and we would time that.
 CHILD_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
@@ -115,27 +139,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30, help="runs per command (median)")
     parser.add_argument("--sysroot", default="/", help="probe a recorded tree instead")
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument(
-        "--python", help="measure the install this interpreter sees (default: this one)"
-    )
-    which.add_argument("--script", help="measure this rpool-agent script (and its #! python)")
-    parser.add_argument(
-        "--against",
-        action="append",
-        default=[],
-        metavar="SCRIPT",
-        help="also time this rpool-agent script in the same loop (e.g. an older install)",
-    )
+    add_install_options(parser)
     args = parser.parse_args()
     runs = max(3, args.runs)
     sysroot = os.path.abspath(args.sysroot)  # children run elsewhere
 
-    if args.script:
-        py, agent = script_python(args.script), [args.script]
-    else:
-        py = args.python or sys.executable
-        agent = agent_command(py)
+    py, agent = chosen_install(args)
     detect = [*agent, "detect"]
     if sysroot != "/":
         detect += ["--sysroot", sysroot]

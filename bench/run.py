@@ -29,23 +29,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from detect import add_install_options, chosen_install  # bench/detect.py, beside this
+
 HERE = Path(__file__).resolve().parent
 RATIO_TARGET = 3.0
 # As in bench/detect.py: children run from "/" with bytecode caches allowed.
 CHILD_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-
-
-def agent_command(python: str) -> list[str]:
-    script = Path(python).with_name("rpool-agent")
-    return [str(script)] if script.exists() else [python, "-m", "rpool_agent.cli"]
-
-
-def script_python(script: str) -> str:
-    with open(script, encoding="utf-8", errors="replace") as fh:
-        first = fh.readline()
-    if not first.startswith("#!"):
-        raise SystemExit(f"{script}: not a script with a #! line")
-    return first[2:].strip().split()[0]
 
 
 def wait_listening(path: str, deadline_s: float = 30.0) -> None:
@@ -95,23 +84,10 @@ def wall_and_cpu_ms(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=40, help="runs per command (median)")
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--python", help="measure the install this interpreter sees")
-    which.add_argument("--script", help="measure this rpool-agent script (and its #! python)")
-    parser.add_argument(
-        "--against",
-        action="append",
-        default=[],
-        metavar="SCRIPT",
-        help="also time this rpool-agent script in the same loop",
-    )
+    add_install_options(parser)
     args = parser.parse_args()
     runs = max(3, args.runs)
-    if args.script:
-        py, agent = script_python(args.script), [args.script]
-    else:
-        py = args.python or sys.executable
-        agent = agent_command(py)
+    py, agent = chosen_install(args)
 
     with tempfile.TemporaryDirectory(prefix="rpool-bench-run-") as tmp:
         proc, sock = start_agent(py, tmp)

@@ -9,12 +9,12 @@ calls wrong is a warning, and `--strict` fails on it.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from test_cli_formats import ctest_or_skip
 
 from rpool_agent.cli import main
 
@@ -52,15 +52,6 @@ OURS = {
     "root_a_list": "[]",
     "local_two_nodes": spec("[{}, {}]"),
 }
-
-
-def ctest_or_skip() -> str:
-    path = shutil.which("ctest")
-    if path is None:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail("ctest is not installed (Debian package: cmake)")
-        pytest.skip("ctest is not installed (Debian package: cmake)")
-    return path
 
 
 def ctest_reads(ctest: str, spec: Path, workdir: Path) -> bool:
