@@ -22,9 +22,10 @@ def restore_leases(server: Any, store: StateStore) -> None:
     """Re-adopt what `store` recorded into `server` (its allocator, extras and pid watch),
     then start the store's new journal. ConfigError if the state dir cannot be used.
 
-    The cyclic garbage collector is paused meanwhile: reading and re-adopting builds a
-    dozen objects per lease and no cyclic garbage, and each of the collector's passes
-    over the growing heap cost more than that work (bench/growth.py, restart row)."""
+    The cyclic garbage collector is paused meanwhile, and what was built is then frozen
+    out of its view (`gc.freeze`): re-adopting builds a dozen objects per lease and no
+    cyclic garbage, and the collector's passes over that heap, during the restore and at
+    the first replies after it, cost more than the work (bench/growth.py, restart row)."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -35,6 +36,7 @@ def restore_leases(server: Any, store: StateStore) -> None:
         for rec in records.values():
             (kept if _adopt(server, store, rec, me) else dropped).append(rec["id"])
     finally:
+        gc.freeze()  # what start-up built stays: no later pass needs to walk it again
         if was_enabled:
             gc.enable()
     for lease_id in dropped:
