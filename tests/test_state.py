@@ -124,9 +124,14 @@ def test_a_grant_whose_journal_write_fails_is_refused_not_forgotten(tmp_path: Pa
     with running_agent(tmp_path, None, "--config", str(config)) as agent:
         journal = tmp_path / "agent-state" / FILE_NAME
         c = agent.client().connect()
-        first = c.acquire(gpus=1, label="before")
+        # a big first record (every cpu, a long label): the limit below must sit well above
+        # the agent's log, which it caps too (a longer tmp path makes longer log lines)
+        first = c.acquire(gpus=1, cpus=4, label="before-" + "." * 240)
         # below the journal's size: no append fits, nor a snapshot of the same leases
         limit = journal.stat().st_size - 50
+        # room for what the test waits to read: the failure (it names the journal) and
+        # two withdrawn grants
+        assert limit > len(agent.log().encode()) + len(str(journal)) + 400, limit
         hard = resource.prlimit(agent.proc.pid, resource.RLIMIT_FSIZE)[1]
         resource.prlimit(agent.proc.pid, resource.RLIMIT_FSIZE, (limit, hard))  # soft limit
         with answer_within(20):  # the failure this guards against is a reply never sent
