@@ -27,11 +27,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .errors import PermissionDenied, PoolFormatError
-from .pool import Instance, Pool
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every `rpool-agent run`
 if TYPE_CHECKING:
     from typing import Any
+
+    from .pool import Pool  # the pool model: the lease files' only (`run` does not need it)
 
 #: `CUDA_VISIBLE_DEVICES` for a lease without GPUs. CUDA documents that enumeration stops
 #: at the first invalid entry, so "-1" hides every GPU; unlike "" it survives shell
@@ -203,6 +204,8 @@ def _local_ids(doc: Mapping[str, Any]) -> dict[tuple[str, str], str]:
 
 def _local_pool(doc: Mapping[str, Any]) -> Pool:
     """The lease as one node with lease-local ids, no properties (CTest spec, flat pool)."""
+    from .pool import Instance, Pool
+
     local = _local_ids(doc)
     resources: dict[str, list[Instance]] = {}
     for rtype in _resources(doc):
@@ -214,6 +217,8 @@ def _local_pool(doc: Mapping[str, Any]) -> Pool:
 
 def _node_pool(doc: Mapping[str, Any], node_id: str) -> Pool:
     """The lease for canary >= 26.9: GPUs under their NVML index with vendor/uuid/name."""
+    from .pool import Instance, Pool
+
     resources: dict[str, list[Instance]] = {}
     for rtype in _resources(doc):
         slots = _slots(doc, rtype)
