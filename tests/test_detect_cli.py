@@ -45,6 +45,27 @@ def test_json_and_output_file(tmp_path: Path) -> None:
     assert done.stdout == "" and '"numa"' in out.read_text()
 
 
+def test_output_to_a_fifo_writes_into_it_and_leaves_it_a_fifo(tmp_path: Path) -> None:
+    """`-o /dev/null` (or any device or FIFO) is written into, never renamed over: as root
+    the old atomic rename replaced /dev/null itself with a regular file. A FIFO stands in
+    for the device here so that a regression cannot break the machine running the test."""
+    import os
+    import stat
+    import threading
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    done = detect(f"--sysroot={TREE}", "-fjson", "-o", str(fifo))
+    reader.join(timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert got and b'"numa"' in got[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]  # no temp file left
+
+
 @pytest.mark.parametrize(
     ("args", "says"),
     [

@@ -160,11 +160,29 @@ def run_detect(
 
 
 def write_text(text: str, output: str | None) -> None:
-    """To stdout (`None` or `-`), or atomically to a file: readers never see half of it."""
+    """To stdout (`None` or `-`), or atomically to a file: readers never see half of it.
+
+    An existing path that is not a regular file (`/dev/null`, a FIFO, a terminal) is
+    written into, as a shell's `>` would: renaming over it would replace the device node
+    itself (run as root, `detect -o /dev/null` left a regular file at /dev/null).
+    """
+    import stat
+
     from ..errors import RpoolAgentError
 
     if output is None or output == "-":
         sys.stdout.write(text)
+        return
+    try:
+        special = not stat.S_ISREG(os.stat(output).st_mode)
+    except OSError:
+        special = False  # absent (or unreadable): the atomic path below says why it fails
+    if special:
+        try:
+            with open(output, "w", encoding="utf-8") as fh:
+                fh.write(text)
+        except OSError as exc:
+            raise RpoolAgentError(f"cannot write {output}: {exc.strerror or exc}") from None
         return
     tmp = f"{output}.tmp{os.getpid()}"
     try:
