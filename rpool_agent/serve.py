@@ -90,7 +90,7 @@ def build_server(
         notify=systemd.notify if os.environ.get("NOTIFY_SOCKET") else None,
         pool_loader=lambda: load_pool(reload_config() if reload_config else cfg, reloading=True),
         watchdog_interval=systemd.watchdog_interval(),
-        state=StateStore.for_dir(cfg.state_dir, forget=forget_leases) if cfg.state_dir else None,
+        state=StateStore(cfg.state_dir, forget=forget_leases) if cfg.state_dir else None,
         log_events=cfg.log_level in ("debug", "info"),
         gpu_health=gpu_health(cfg),
     )

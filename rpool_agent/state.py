@@ -289,10 +289,6 @@ class StateStore:
         self._at_turn_end: Callable[[Callable[[], None]], None] = lambda fn: None
         self._log: Callable[[str], None] = lambda line: None
 
-    @classmethod
-    def for_dir(cls, directory: str | os.PathLike[str], *, forget: bool = False) -> StateStore:
-        return cls(directory, forget=forget)
-
     @property
     def pending(self) -> bool:
         """Whether lines wait to be written (the server flushes them before replies)."""
