@@ -120,35 +120,34 @@ def test_a_grant_whose_journal_write_fails_is_refused_not_forgotten(tmp_path: Pa
     forgotten by a restart while its holder runs, so the client gets an error instead;
     the log says so once; once writes work again, grants do too and survive a restart."""
     config = tmp_path / "agent.yaml"
-    config.write_text("log_level: warning\n")  # the log file must not hit the limit first
+    config.write_text("log_level: warning\n")  # only the lines this test reads
     with running_agent(tmp_path, None, "--config", str(config)) as agent:
         journal = tmp_path / "agent-state" / FILE_NAME
         c = agent.client().connect()
-        # a big first record (every cpu, a long label): the limit below must sit well above
-        # the agent's log, which it caps too (a longer tmp path makes longer log lines)
-        first = c.acquire(gpus=1, cpus=4, label="before-" + "." * 240)
-        # below the journal's size: no append fits, nor a snapshot of the same leases
+        held_before = [c.acquire(gpus=1, label=f"{i}" * 256) for i in range(3)]
+        # The limit applies to every file the agent writes: it sits below the journal's
+        # size (no record fits, nor a snapshot of the same three leases) and far above
+        # what the log file will hold.
         limit = journal.stat().st_size - 50
-        # room for what the test waits to read: the failure (it names the journal) and
-        # two withdrawn grants
-        assert limit > len(agent.log().encode()) + len(str(journal)) + 400, limit
+        assert limit > 1500
         hard = resource.prlimit(agent.proc.pid, resource.RLIMIT_FSIZE)[1]
         resource.prlimit(agent.proc.pid, resource.RLIMIT_FSIZE, (limit, hard))  # soft limit
         with answer_within(20):  # the failure this guards against is a reply never sent
             for _ in range(2):
                 with pytest.raises(NotRecorded, match="could not record"):
                     c.acquire(gpus=1, label="x" * 200, timeout=5)
-        assert held(agent) == {first.id: [first.gpus[0].id]}  # nothing else was given
-        wait_until(lambda: "withdrawn" in agent.log())  # the log is written after replies
+        before = {le.id: [le.gpus[0].id] for le in held_before}
+        assert held(agent) == before  # nothing else was given
+        wait_until(lambda: agent.log().count("withdrawn") == 2)  # logged after the replies
         log = agent.log()
         assert log.count("STATE WRITE FAILED") == 1 and "Traceback" not in log
         resource.prlimit(agent.proc.pid, resource.RLIMIT_FSIZE, (hard, hard))
         after = c.acquire(gpus=1, label="after")
         wait_until(lambda: "is written again" in agent.log())
-        wait_until(lambda: set(load_records(journal)[1]) == {first.id, after.id})
+        wait_until(lambda: set(load_records(journal)[1]) == {*before, after.id})
         assert agent.stop() == 0
         agent.restart()
-        assert held(agent) == {first.id: [first.gpus[0].id], after.id: [after.gpus[0].id]}
+        assert held(agent) == {**before, after.id: [after.gpus[0].id]}
         c.close()
 
 
