@@ -1,4 +1,4 @@
-"""Checks of operation arguments beyond the frame's shape (protocol.parse_call): values
+"""Checks of operation arguments beyond the frame's shape (calls.parse_call): values
 that the allocator must never see wrong (a timeout no float can hold) or half-parsed."""
 
 from __future__ import annotations

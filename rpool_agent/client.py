@@ -11,13 +11,10 @@ the client reconnects and re-claims them by id and token on its next call.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import socket
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
 
 from . import protocol
 from .errors import AgentUnavailable, ProtocolError, RequestError, RpoolAgentError, UnknownLease
@@ -26,81 +23,20 @@ TYPE_CHECKING = False  # not typing's: importing typing costs every `rpool-agent
 if TYPE_CHECKING:
     from typing import Any
 
+    from .client_lease import Lease
+
 #: Replies can be far larger than requests (`status` of a busy node lists every lease and
 #: waiter); the agent is trusted, so the client's bound is only against a runaway stream.
 MAX_REPLY_BYTES = 64 * 1024 * 1024
 
 
-@dataclass(slots=True)
-class Lease:
-    """A granted lease: what was leased, with the hardware behind each id."""
+def __getattr__(name: str) -> Any:
+    """`Lease` lives in client_lease.py: `rpool-agent run` never makes one (no dataclasses)."""
+    if name == "Lease":
+        from .client_lease import Lease
 
-    document: dict[str, Any]
-    client: Client | None = None
-    released: bool = False
-
-    def __repr__(self) -> str:  # the client is not part of what a lease is
-        return f"Lease(document={self.document!r}, released={self.released!r})"
-
-    @property
-    def id(self) -> str:
-        return str(self.document["id"])
-
-    @property
-    def token(self) -> str | None:
-        return self.document.get("token")
-
-    @property
-    def label(self) -> str | None:
-        return self.document.get("label")
-
-    @property
-    def resources(self) -> dict[str, list[dict[str, Any]]]:
-        """Seed-shaped: `{type: [{"id": ..., "slots": ...}]}`."""
-        return self.document["resources"]
-
-    @property
-    def cpus(self) -> list[int]:
-        """Hardware CPU numbers, hyperthread siblings included."""
-        from .handoff import leased_cpus
-
-        return leased_cpus(self.document)
-
-    @property
-    def gpus(self) -> list[Any]:
-        """`LeasedGpu`s (index, uuid, MIG or not) in PCI order."""
-        from .handoff import leased_gpus
-
-        return leased_gpus(self.document)
-
-    @property
-    def files(self) -> Any:
-        """`LeaseFiles` (ctest_spec, pool, pool_nodes) when acquired with `files=True`."""
-        f = self.document.get("files")
-        if not f:
-            return None
-        from .handoff import LeaseFiles
-
-        return LeaseFiles(**f)
-
-    def env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
-        """A full environment for a program run inside this lease."""
-        from .handoff import lease_env
-
-        return lease_env(self.document, os.environ if base is None else base, self.files)
-
-    def release(self) -> None:
-        if not self.released and self.client is not None:
-            self.client.release(self.id)
-        self.released = True
-
-    def __enter__(self) -> Lease:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        # If the agent is gone, our connection closing reaps the lease anyway.
-        with contextlib.suppress(AgentUnavailable, OSError):
-            self.release()
+        return Lease
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def default_socket_path() -> str:
@@ -126,7 +62,7 @@ class Client:
         self._decoder = protocol.FrameDecoder(MAX_REPLY_BYTES)
         self._frames: list[Any] = []
         self._ids = itertools.count(1)
-        self._held: dict[str, Lease] = {}
+        self._held: dict[str, str | None] = {}  # lease id -> its token, to re-claim it
         self._lost: set[str] = set()  # held leases the agent no longer had after a restart
         self._on_event: Any = None  # called with each event frame of the call in progress
         self.server_info: dict[str, Any] = {}
@@ -219,12 +155,12 @@ class Client:
         while True:
             try:
                 self.connect()
-                for lease in list(self._held.values()):
+                for lease_id, token in list(self._held.items()):
                     try:
-                        self._call_once("reclaim", {"lease": lease.id, "token": lease.token})
+                        self._call_once("reclaim", {"lease": lease_id, "token": token})
                     except RpoolAgentError:
-                        self._held.pop(lease.id, None)  # ended while we were away
-                        self._lost.add(lease.id)
+                        self._held.pop(lease_id, None)  # ended while we were away
+                        self._lost.add(lease_id)
                 return
             except (AgentUnavailable, _ConnectionLost):
                 self.close()
@@ -270,7 +206,20 @@ class Client:
 
     # --- operations ---------------------------------------------------------------------
 
-    def acquire(
+    def acquire(self, request: Any = None, **kwargs: Any) -> Lease:
+        """Lease resources; blocks until granted, `timeout` (seconds) runs out, or refusal.
+
+        `request` takes any of the three forms (canary item list, `{type: n}` mapping,
+        CTest RESOURCE_GROUPS string); or give counts: `gpus=2, cpus=4`. `timeout=0` never
+        waits; None waits as long as it takes. `label`, `holder_pid`, `files` and
+        `on_event` (called with each event the agent sends while the acquire waits,
+        `{"event": "queued", "position": n}`) are `acquire_document`'s.
+        """
+        from .client_lease import Lease
+
+        return Lease(self.acquire_document(request, **kwargs), self)
+
+    def acquire_document(
         self,
         request: Any = None,
         *,
@@ -282,8 +231,10 @@ class Client:
         files: bool = False,
         on_event: Any = None,
         **counts: int,
-    ) -> Lease:
-        """Lease resources; blocks until granted, `timeout` (seconds) runs out, or refusal.
+    ) -> dict[str, Any]:
+        """`acquire`, returning the grant document itself (docs/protocol.md), not a `Lease`:
+        what `rpool-agent run` needs to build the environment. The lease is this
+        connection's all the same: it ends with the connection, or with `release(id)`.
 
         `request` takes any of the three forms (canary item list, `{type: n}` mapping,
         CTest RESOURCE_GROUPS string); or give counts: `gpus=2, cpus=4`. `timeout=0` never
@@ -307,9 +258,8 @@ class Client:
             )
         finally:
             self._on_event = None
-        lease = Lease(doc, self)
-        self._held[lease.id] = lease
-        return lease
+        self._held[str(doc["id"])] = doc.get("token")
+        return doc
 
     def release(self, lease_id: str) -> None:
         try:

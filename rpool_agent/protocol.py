@@ -9,15 +9,8 @@ reference for every operation and error code.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
-from .errors import (
-    MessageTooLarge,
-    ProtocolError,
-    RpoolAgentError,
-    UnknownOperation,
-    VersionMismatch,
-)
+from .errors import MessageTooLarge, ProtocolError, RpoolAgentError
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every `rpool-agent run`
 if TYPE_CHECKING:
@@ -115,55 +108,6 @@ def decode_frame(line: bytes) -> Any:
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         detail = str(exc) if not isinstance(exc, RecursionError) else "nested too deeply"
         return ProtocolError(f"malformed message: {detail[:200]}")
-
-
-@dataclass(frozen=True, slots=True)
-class Call:
-    """A validated client request: `{"id": ..., "op": ..., **args}`."""
-
-    id: int | str | None
-    op: str
-    args: dict[str, Any]
-
-
-def parse_call(frame: Any) -> Call:
-    """Check a decoded frame's shape; raise a `ProtocolError` subclass naming the problem."""
-    if isinstance(frame, ProtocolError):
-        raise frame
-    if not isinstance(frame, dict):
-        raise ProtocolError("a message must be a JSON object")
-    rid = frame.get("id")
-    if rid is not None and (
-        isinstance(rid, bool) or not isinstance(rid, (int, str)) or len(str(rid)) > 64
-    ):
-        raise ProtocolError("'id' must be an integer or a short string")
-    op = frame.get("op")
-    if not isinstance(op, str):
-        raise _tagged(ProtocolError("'op' must be a string"), rid)
-    allowed = OPERATIONS.get(op)
-    if allowed is None:
-        raise _tagged(UnknownOperation(f"unknown operation {op[:40]!r}"), rid)
-    args = {k: v for k, v in frame.items() if k not in ("id", "op")}
-    extra = sorted(set(args) - allowed)
-    if extra:
-        raise _tagged(ProtocolError(f"{op}: unexpected field {extra[0][:40]!r}"), rid)
-    if op == "hello":
-        version = args.get("version")
-        if version != PROTOCOL_VERSION:
-            msg = f"protocol version {str(version)[:20]} not supported"
-            msg += f" (server speaks {PROTOCOL_VERSION})"
-            raise _tagged(VersionMismatch(msg), rid)
-    return Call(rid, op, args)
-
-
-def _tagged(exc: RpoolAgentError, rid: Any) -> RpoolAgentError:
-    exc.request_id = rid  # type: ignore[attr-defined]
-    return exc
-
-
-def request_id_of(exc: BaseException) -> Any:
-    """The id of the frame a `parse_call` error is about, so the reply can carry it."""
-    return getattr(exc, "request_id", None)
 
 
 def ok(rid: Any, result: Any = None) -> dict[str, Any]:

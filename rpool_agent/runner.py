@@ -56,28 +56,28 @@ def run_in_lease(
 
     While the acquire waits, stderr says so (waiting.py) unless `quiet`."""
     from .client import Client
-    from .handoff import substitute_args
+    from .handoff_env import lease_env, leased_cpus, substitute_args
 
     if not cmd:
         raise RequestError("no command given (put it after --)")
     wanted = parse_cli_request(request, gpus, cpus)
     client = Client().connect()
     with _wait_report(client, wanted, quiet) as report:
-        lease = client.acquire(
+        doc = client.acquire_document(  # no `Lease`: the environment is built from the grant
             wanted,
             timeout=timeout,
             label=label or shlex.join(cmd)[:200],
             files=True,
             on_event=report and report.event,
         )
-    _check_pool_placeholders(cmd, lease.resources)
-    env = lease.env()
-    files = lease.files
-    argv = substitute_args(cmd, files) if files is not None else list(cmd)
+    _check_pool_placeholders(cmd, doc["resources"])
+    env = lease_env(doc, os.environ)
+    files = doc.get("files")
+    argv = substitute_args(cmd, files) if files else list(cmd)
     fd = client.fileno()
     os.set_inheritable(fd, True)
     env["RPOOL_LEASE_FD"] = str(fd)
-    set_affinity(lease.cpus)
+    set_affinity(leased_cpus(doc))
     sys.stdout.flush()
     sys.stderr.flush()
     _restore_signals()

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import protocol
+from . import calls, protocol
 from .allocator import Allocator
 from .args import resource_arg, timeout_arg
 from .connection import Connection, Limits
@@ -85,13 +85,13 @@ class Service:
     def handle_frame(self, conn: Connection, frame: Any) -> None:
         rid: Any = None  # never echo an id parse_call did not accept (it may be anything)
         try:
-            call = protocol.parse_call(frame)
+            call = calls.parse_call(frame)
             rid = call.id
             if not conn.greeted and call.op != "hello":
                 raise ProtocolError("the first message must be 'hello'")
             result = self._ops[call.op](conn, call)
         except RpoolAgentError as exc:
-            rid = protocol.request_id_of(exc) if rid is None else rid
+            rid = calls.request_id_of(exc) if rid is None else rid
             conn.send(protocol.error(rid, exc))
             return
         except Exception as exc:  # a bug: this call fails, the agent and its leases live on
@@ -106,7 +106,7 @@ class Service:
 
     # --- operations (each returns the reply's result, or _DEFERRED) ----------------------
 
-    def op_hello(self, conn: Connection, call: protocol.Call) -> Any:
+    def op_hello(self, conn: Connection, call: calls.Call) -> Any:
         # parse_call compares the version by value, where `true` and `1.0` equal 1
         if type(call.args.get("version")) is not int:
             raise ProtocolError("'version' must be an integer")
@@ -124,7 +124,7 @@ class Service:
             "you": {"pid": peer.pid, "uid": peer.uid, "gid": peer.gid},
         }
 
-    def op_acquire(self, conn: Connection, call: protocol.Call) -> Any:
+    def op_acquire(self, conn: Connection, call: calls.Call) -> Any:
         args = call.args
         request = parse_request(args.get("request"))
         timeout = timeout_arg(args.get("timeout"))
@@ -212,7 +212,7 @@ class Service:
             raise PermissionDenied(f"process {pid} belongs to another user")
         return Holder(pid, uid, peer.gid, start), ("pid", pid, start)
 
-    def op_cancel(self, conn: Connection, call: protocol.Call) -> Any:
+    def op_cancel(self, conn: Connection, call: calls.Call) -> Any:
         target = call.args.get("request_id")
         if target is not None and not isinstance(target, (int, str)):
             raise ProtocolError("'request_id' must be an integer or a string")
@@ -234,7 +234,7 @@ class Service:
         uncount(self.uid_waiting, peer.uid if peer else -1)
         return True
 
-    def op_release(self, conn: Connection, call: protocol.Call) -> Any:
+    def op_release(self, conn: Connection, call: calls.Call) -> Any:
         lease_id = call.args.get("lease")
         if not isinstance(lease_id, str):
             raise ProtocolError("'lease' must be a lease id string")
@@ -259,10 +259,10 @@ class Service:
             return
         raise NotOwner(f"lease {lease.id} belongs to another user")
 
-    def op_status(self, conn: Connection, call: protocol.Call) -> Any:
+    def op_status(self, conn: Connection, call: calls.Call) -> Any:
         return self.monitor.status()  # the documented schema: status_doc.py
 
-    def op_pool(self, conn: Connection, call: protocol.Call) -> Any:
+    def op_pool(self, conn: Connection, call: calls.Call) -> Any:
         fmt = call.args.get("format")
         if fmt is None:
             from .formats import to_document
@@ -274,7 +274,7 @@ class Service:
             raise ProtocolError(f"'format' must be one of {', '.join(FORMATS)}")
         return {"format": fmt, "text": dumps(self.pool, fmt)}
 
-    def op_reclaim(self, conn: Connection, call: protocol.Call) -> Any:
+    def op_reclaim(self, conn: Connection, call: calls.Call) -> Any:
         lease_id, token = call.args.get("lease"), call.args.get("token")
         extras = self.extras.get(lease_id) if isinstance(lease_id, str) else None
         if extras is None or lease_id not in self.allocator.leases:
@@ -304,7 +304,7 @@ class Service:
             doc["files"] = dataclasses.asdict(extras.files)
         return doc
 
-    def op_drain(self, conn: Connection, call: protocol.Call) -> Any:
+    def op_drain(self, conn: Connection, call: calls.Call) -> Any:
         self._require_admin(conn)
         rtype, rid = resource_arg(call.args.get("resource"))
         reason = call.args.get("reason") or ""
@@ -315,7 +315,7 @@ class Service:
         self._save_drains()
         return {"drained": f"{rtype}:{rid}"}
 
-    def op_undrain(self, conn: Connection, call: protocol.Call) -> Any:
+    def op_undrain(self, conn: Connection, call: calls.Call) -> Any:
         self._require_admin(conn)
         rtype, rid = resource_arg(call.args.get("resource"))
         self.dispatch(self.allocator.undrain(rtype, rid))
@@ -331,7 +331,7 @@ class Service:
             health = self.gpu_health.drained if self.gpu_health is not None else ()
             drains.save({k: r for k, r in self.allocator.drained.items() if k not in health})
 
-    def op_reload(self, conn: Connection, call: protocol.Call) -> Any:
+    def op_reload(self, conn: Connection, call: calls.Call) -> Any:
         self._require_admin(conn)
         return self.reload()
 

@@ -25,7 +25,7 @@ from agent_fixture import Agent, gpu_pool, running_agent, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rpool_agent import protocol
+from rpool_agent import calls, protocol
 from rpool_agent.errors import MessageTooLarge, RpoolAgentError, _all_error_classes
 from rpool_agent.requests import parse_request
 
@@ -188,13 +188,13 @@ BATCH = st.binary(min_size=150, max_size=500)
 def check_frame(frame: Any) -> None:
     """A decoded frame through parse_call (and parse_request): a reply always encodes."""
     try:
-        call = protocol.parse_call(frame)
+        call = calls.parse_call(frame)
         if call.op == "acquire":
             parse_request(call.args.get("request"))
         reply = protocol.ok(call.id, call.args)
     except RpoolAgentError as exc:
         assert exc.code in CODES
-        reply = protocol.error(protocol.request_id_of(exc), exc)
+        reply = protocol.error(calls.request_id_of(exc), exc)
     [back] = protocol.FrameDecoder(1 << 20).feed(protocol.encode(reply))
     assert isinstance(back, dict) and back["id"] == reply["id"]
 

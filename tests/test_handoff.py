@@ -330,8 +330,9 @@ def test_real_ctest_accepts_the_lease_spec_and_hands_out_lease_local_ids(tmp_pat
     files = write_lease_files(GPU_LEASE, str(tmp_path / "lease"))
     build = _ctest_project(tmp_path, {"t1": "gpus:1", "t2": "gpus:1", "t3": "gpus:1,cpus:1"})
     base = {**os.environ, "CTEST_RESOURCE_GROUP_3_GPUS": "id:3,slots:1"}  # stale: must go
-    env = lease_env(GPU_LEASE, base, files)
-    args = substitute_args(["ctest", "--resource-spec-file", "{ctest_spec}", "-j3"], files)
+    paths = {"ctest_spec": files.ctest_spec, "pool": files.pool, "pool_nodes": files.pool_nodes}
+    env = lease_env({**GPU_LEASE, "files": paths}, base)  # the grant carries its files
+    args = substitute_args(["ctest", "--resource-spec-file", "{ctest_spec}", "-j3"], paths)
     assert args[2] == files.ctest_spec
     proc = _ctest(build, args, env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -519,7 +520,11 @@ def test_remove_lease_files(tmp_path: Path) -> None:
 
 
 def test_substitute_args() -> None:
-    files = LeaseFiles("/l", "/l/ctest-spec.json", "/l/pool.yaml", "/l/pool-nodes.yaml")
+    files = {
+        "ctest_spec": "/l/ctest-spec.json",
+        "pool": "/l/pool.yaml",
+        "pool_nodes": "/l/pool-nodes.yaml",
+    }
     args = [
         "ctest",
         "--resource-spec-file",

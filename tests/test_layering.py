@@ -34,6 +34,7 @@ CORE = (
     "requests",
     "formats",
     "protocol",
+    "calls",
     "lease",
     "placement",
     "tables",

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from rpool_agent import protocol
+from rpool_agent import calls, protocol
 from rpool_agent.errors import MessageTooLarge, ProtocolError, UnknownOperation, VersionMismatch
 
 BAD = ProtocolError
@@ -90,17 +90,17 @@ def test_parse_call(frame: Any, expected: tuple[Any, Any, Any]) -> None:
     if isinstance(expected[0], type):
         cls, message, rid = expected
         with pytest.raises(cls, match=message.replace("(", r"\(")) as info:
-            protocol.parse_call(frame)
-        assert protocol.request_id_of(info.value) == rid
+            calls.parse_call(frame)
+        assert calls.request_id_of(info.value) == rid
     else:
-        call = protocol.parse_call(frame)
+        call = calls.parse_call(frame)
         assert (call.id, call.op, call.args) == expected
 
 
 def test_a_decoding_error_is_raised_by_parse_call() -> None:
     (bad,) = protocol.FrameDecoder().feed(b"{\n")
     with pytest.raises(ProtocolError, match="malformed"):
-        protocol.parse_call(bad)
+        calls.parse_call(bad)
 
 
 @pytest.mark.parametrize("label", ["plain", "é\u2603", "\ud800 lone", 'q"\n\\'])

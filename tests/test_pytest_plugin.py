@@ -357,7 +357,7 @@ from rpool_agent.handoff import lease_env
 
 def test_env(rpool_lease):
     env = dict(os.environ)
-    assert env == lease_env(rpool_lease.document, env, rpool_lease.files)
+    assert env == lease_env(rpool_lease.document, env)
     assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID" and env["OMP_NUM_THREADS"] == "1"
     assert env["CUDA_VISIBLE_DEVICES"] == str(rpool_lease.gpus[0].index)
     assert os.path.exists(env["RPOOL_CTEST_SPEC_FILE"])

@@ -81,8 +81,12 @@ def test_run_imports_no_typer_click_asyncio_or_typing(agent: Agent) -> None:
     assert r.returncode == 0, r.stderr
     imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines()}
     assert "rpool_agent.runner" in imported
-    heavy = ("typer", "click", "asyncio", "shutil", "typing")
+    heavy = ("typer", "click", "asyncio", "shutil", "typing", "dataclasses", "inspect")
     assert not {m for m in imported if m.split(".")[0] in heavy}
+    # the lease's value types, the pool model and the formats are for the lease files the
+    # agent writes: run builds the environment from the grant document (handoff_env)
+    ours = ("rpool_agent.pool", "rpool_agent.formats", "rpool_agent.handoff")
+    assert not {m for m in imported if m in ours or m.startswith("rpool_agent.formats.")}
 
 
 def test_ctrl_c_while_waiting_is_a_quiet_130(agent: Agent) -> None:
