@@ -24,8 +24,9 @@ the waiters whose turn it is, not at every waiter.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import replace
+from itertools import islice
 from types import MappingProxyType
 from typing import Any
 
@@ -71,6 +72,7 @@ class Allocator:
         self._leases: dict[str, Lease] = {}
         self._leases_view = MappingProxyType(self._leases)  # made once: read on every call
         self._owner_leases: dict[OwnerKey, dict[str, None]] = {}
+        self._on: dict[tuple[str, str], dict[str, None]] = {}  # instance -> its lease ids
         self._queue = WaitQueue()
         self._drained: dict[tuple[str, str], str] = {}
         self._sat: dict[Request, Unsatisfiable | None] = {}
@@ -240,6 +242,7 @@ class Allocator:
             self._refresh(table, inst)
         self._leases[lease.id] = lease
         self._owner_leases.setdefault(lease.owner, {})[lease.id] = None
+        self._index(lease)
 
     def set_pool(self, pool: Pool, *, now: float | None = None) -> list[Event]:
         """Switch to a new pool (reload): leases stay; waiters re-checked, then served.
@@ -310,47 +313,47 @@ class Allocator:
         status line needs, without `snapshot`'s walk over every lease and instance."""
         return {t: (self._tables[t].free.total, self._tables[t].cap.total) for t in self._known}
 
-    def snapshot(self) -> dict[str, Any]:
-        """JSON-able status.
+    def snapshot(self, limit: int | None = None, whole: Collection[str] = ()) -> dict[str, Any]:
+        """JSON-able status; `limit`: list at most that many leases and waiters (None: all).
 
         Per type: `total` (slots of live instances), `used` (held on live instances),
         `free` (grantable now), `drained` (free slots withheld by drains), `stale` (held
         on vanished instances). Without over-commitment total == used + free + drained.
+        With a `limit`, every lease on an instance of a type in `whole` is listed too
+        (found by instance, not by a walk over the leases), and `counts` says how many
+        there are in all, so the cost is the page's and the instances', not the leases'.
         """
         types: dict[str, dict[str, int]] = {}
         vanished: list[dict[str, Any]] = []
+        drained_by: dict[str, int] = {}
+        for (rtype, rid), _ in self._drained.items():
+            inst = self._tables[rtype].by_id.get(rid) if rtype in self._tables else None
+            if inst is not None and inst.live:
+                drained_by[rtype] = drained_by.get(rtype, 0) + max(0, inst.slots - inst.used)
         for rtype, table in self._tables.items():
-            drained = sum(
-                max(0, i.slots - i.used) for i in table.insts if (rtype, i.id) in self._drained
-            )
             stale = 0
-            for inst in table.by_id.values():
-                if not inst.live:
-                    stale += inst.used
-                    vanished.append({"type": rtype, "id": inst.id, "held": inst.used})
+            if len(table.by_id) != len(table.insts):
+                for inst in table.by_id.values():
+                    if not inst.live:
+                        stale += inst.used
+                        vanished.append({"type": rtype, "id": inst.id, "held": inst.used})
             if rtype not in self._known and not stale:
                 continue
             types[rtype] = {
-                "total": sum(i.slots for i in table.insts),
-                "free": sum(table.free.totals.values()),
+                "total": table.cap.total,
+                "free": table.free.total,
                 "used": sum(i.used for i in table.insts),
-                "drained": drained,
+                "drained": drained_by.get(rtype, 0),
                 "stale": stale,
             }
-        leases = []
-        for lease in self._leases.values():
-            stale_lease = any(not self._held(s).live for s in lease.held)
-            leases.append(
-                {
-                    "id": lease.id,
-                    "owner": repr(lease.owner),
-                    "label": lease.label,
-                    "holder": dict(lease.holder),
-                    "granted_at": lease.granted_at,
-                    "resources": lease.resources(),
-                    "stale": stale_lease,
-                }
-            )
+        chosen: Iterable[Lease] = self._leases.values()
+        if limit is not None:
+            page = dict.fromkeys(islice(self._leases, limit))
+            for rtype in whole:
+                for inst in self._tables[rtype].by_id.values() if rtype in self._tables else ():
+                    page.update(self._on.get((rtype, inst.id), {}))
+            chosen = [self._leases[lid] for lid in page]
+        leases = [self._lease_status(lease) for lease in chosen]
         waiters = [
             {
                 "owner": repr(w.owner),
@@ -361,7 +364,7 @@ class Allocator:
                 "label": w.label,
                 "position": n,
             }
-            for n, w in enumerate(self._queue, 1)
+            for n, w in enumerate(islice(self._queue, limit), 1)
         ]
         drained_list = [{"type": t, "id": i, "reason": r} for (t, i), r in self._drained.items()]
         return {
@@ -370,6 +373,28 @@ class Allocator:
             "waiters": waiters,
             "drained": drained_list,
             "vanished": vanished,
+            "counts": {"leases": len(self._leases), "waiters": len(self._queue)},
+        }
+
+    def idle(self, rtype: str) -> list[str]:
+        """Ids of the live, undrained instances of `rtype` that nothing holds, pool order."""
+        table = self._tables.get(rtype)
+        drained = self._drained
+        return [
+            i.id
+            for i in (table.insts if table is not None else ())
+            if not i.used and (rtype, i.id) not in drained
+        ]
+
+    def _lease_status(self, lease: Lease) -> dict[str, Any]:
+        return {
+            "id": lease.id,
+            "owner": repr(lease.owner),
+            "label": lease.label,
+            "holder": dict(lease.holder),
+            "granted_at": lease.granted_at,
+            "resources": lease.resources(),
+            "stale": any(not self._held(s).live for s in lease.held),
         }
 
     # --- internals: requests -------------------------------------------------------------
@@ -479,7 +504,17 @@ class Allocator:
             self._owner_leases[owner] = {lease_id: None}
         else:
             mine[lease_id] = None
+        self._index(lease)
         return lease
+
+    def _index(self, lease: Lease) -> None:
+        on = self._on
+        for s in lease.held:
+            got = on.get((s.type, s.id))
+            if got is None:
+                on[s.type, s.id] = {lease.id: None}
+            else:
+                got[lease.id] = None
 
     def _fresh_id(self, lid: Any) -> str:
         """`lid` (just drawn) if usable, else the next usable id of up to 100 draws."""
@@ -498,7 +533,13 @@ class Allocator:
         del mine[lease.id]
         if not mine:
             del self._owner_leases[lease.owner]
+        on = self._on
         for s in lease.held:
+            ids = on.get((s.type, s.id))
+            if ids is not None:
+                ids.pop(lease.id, None)
+                if not ids:
+                    del on[s.type, s.id]
             table = self._tables.get(s.type)
             inst = table.by_id.get(s.id) if table is not None else None
             if inst is None:  # 0 slots of an instance a reload removed: nothing to free

@@ -269,8 +269,13 @@ class Client:
                 raise
         self._held.pop(lease_id, None)
 
-    def status(self) -> dict[str, Any]:
-        return self.call("status")
+    def status(self, *, limit: int | None = None, all: bool = False) -> dict[str, Any]:
+        """The status document (docs/status.md): a bounded page of leases and waiters
+        (`limit` of each, default the agent's), or everything with `all`."""
+        args: dict[str, Any] = {"all": True} if all else {}
+        if limit is not None:
+            args["limit"] = limit
+        return self.call("status", **args)
 
     def pool(self, format: str | None = None) -> Any:
         return self.call("pool", format=format)

@@ -52,7 +52,7 @@ def describe_wait(snap: Mapping[str, Any], request: Any) -> str:
         holders[_MAX_HOLDERS:] = [f"{len(holders) - _MAX_HOLDERS} more"]
     if holders:
         parts.append("; ".join(holders))
-    waiters = len(snap.get("waiters") or [])
+    waiters = len(snap.get("waiters") or []) + (snap.get("more") or {}).get("waiters", 0)
     if waiters:
         parts.append(f"{waiters} request(s) waiting")
     return "; ".join(parts)

@@ -108,12 +108,12 @@ def render(doc: dict[str, Any], tally: Tally) -> bytes:
             ["type"],
             [([t], v.get(key, 0)) for t, v in sorted(types.items())],
         )
-    gauge("rpool_agent_leases", "Leases held.", [], [([], len(doc.get("leases", [])))])
+    gauge("rpool_agent_leases", "Leases held.", [], [([], _count(doc, "leases"))])
     gauge(
         "rpool_agent_waiters",
         "Acquires waiting in the queue.",
         [],
-        [([], len(doc.get("waiters", [])))],
+        [([], _count(doc, "waiters"))],
     )
     gauge(
         "rpool_agent_drained",
@@ -203,3 +203,8 @@ def write_textfile(path: str, data: bytes) -> None:
             raise
     finally:
         os.close(dfd)
+
+
+def _count(doc: dict[str, Any], key: str) -> int:
+    """All the leases or waiters, not only the listed page (docs/status.md `more`)."""
+    return len(doc.get(key, [])) + int((doc.get("more") or {}).get(key, 0))

@@ -45,15 +45,18 @@ class Monitor:
         self.metrics_interval = metrics_interval
         self.audit_interval = audit_interval
 
-    def status(self, now: float | None = None) -> dict[str, Any]:
-        """The `status` reply: the agent's state as the documented schema."""
-        from .status_doc import status_document
+    def status(self, now: float | None = None, *, limit: int | None = -1) -> dict[str, Any]:
+        """The `status` reply: the agent's state as the documented schema; `limit`: leases
+        and waiters listed (-1: the default page, None: all)."""
+        from .status_doc import DEFAULT_LIMIT, status_document
 
         now = time.monotonic() if now is None else now
         audit = None
         if self._audit is not None:
             audit = {**self._audit, "age_s": round(now - self._audit_at, 3)}
-        return status_document(self.service, now=now, names=self.names, audit=audit)
+        if limit == -1:
+            limit = DEFAULT_LIMIT
+        return status_document(self.service, now=now, names=self.names, audit=audit, limit=limit)
 
     # --- periodic work --------------------------------------------------------------------
 

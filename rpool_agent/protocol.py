@@ -26,7 +26,7 @@ OPERATIONS: dict[str, frozenset[str]] = {
     "release": frozenset({"lease"}),
     "cancel": frozenset({"request_id"}),
     "reclaim": frozenset({"lease", "token"}),
-    "status": frozenset(),
+    "status": frozenset({"limit", "all"}),
     "pool": frozenset({"format"}),
     "drain": frozenset({"resource", "reason"}),
     "undrain": frozenset({"resource"}),

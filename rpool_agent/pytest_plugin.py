@@ -145,7 +145,7 @@ class _ControllerReport:
         wid = node.gateway.id
         label = f"pytest[{os.getpid()}] {wid}"
         try:
-            leases = self.run.workers_client.status().get("leases") or []
+            leases = self.run.workers_client.status(all=True).get("leases") or []
         except Exception as exc:
             text = f"[{wid}] rpool: cannot ask the agent: {one_line(exc)}"
         else:

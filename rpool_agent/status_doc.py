@@ -16,7 +16,11 @@ from typing import Any
 from .procinfo import ProcessNames
 
 #: Bumped only for changes that break readers; new fields may appear at any version.
-SCHEMA_VERSION = 1
+#: 2: `leases`, `waiters` and the rows of non-GPU types are a bounded page by default.
+SCHEMA_VERSION = 2
+
+#: Leases and waiters listed by default: a reply costs this page, not what the agent holds.
+DEFAULT_LIMIT = 100
 
 #: Instance properties copied into `instances` rows, when the pool has them.
 _INSTANCE_FIELDS = (
@@ -32,14 +36,24 @@ _INSTANCE_FIELDS = (
 
 
 def status_document(
-    service: Any, *, now: float, names: ProcessNames, audit: dict[str, Any] | None = None
+    service: Any,
+    *,
+    now: float,
+    names: ProcessNames,
+    audit: dict[str, Any] | None = None,
+    limit: int | None = DEFAULT_LIMIT,
 ) -> dict[str, Any]:
     """The status of `service` (the agent's allocator, pool, lease extras, connections).
 
     `now` is the monotonic clock the allocator's timestamps use; `names` caches who each
-    pid is; `audit` is the latest GPU audit (audit.py), None when none has run.
+    pid is; `audit` is the latest GPU audit (audit.py), None when none has run. `limit`
+    (None: everything) bounds the leases and waiters listed; every lease on a GPU-like
+    type is listed anyway (GPUs are few, and the audit needs their holders), and the
+    other types get rows only for the listed leases' instances and drained ones, their
+    idle instances summed up in `idle`.
     """
-    snap = service.allocator.snapshot()
+    whole = _gpu_types(service.pool)
+    snap = service.allocator.snapshot(limit, whole)
     extras = getattr(service, "extras", {})
     holders = _Holders(names)
     leases = [_lease(item, extras.get(item["id"]), now, holders) for item in snap["leases"]]
@@ -48,14 +62,25 @@ def status_document(
     drained = {(d["type"], d["id"]): d["reason"] for d in snap["drained"]}
     from ._version import __version__
 
+    paged = limit is not None
+    counts = snap["counts"]
+    instances = _instances(
+        service.pool, leases, drained, snap["vanished"], whole if paged else None
+    )
     return {
         "schema": SCHEMA_VERSION,
         "agent": {"pid": os.getpid(), "version": __version__},
         "connections": len(getattr(service, "connections", ())),
         "types": {t: dict(v) for t, v in snap["types"].items()},
-        "instances": _instances(service.pool, leases, drained, snap["vanished"]),
+        "instances": instances,
+        "idle": {t: _ranges(service.allocator.idle(t)) for t in snap["types"] if t not in whole},
+        "complete": counts["leases"] == len(leases) and counts["waiters"] == len(waiters),
         "leases": leases,
         "waiters": waiters,
+        "more": {
+            "leases": counts["leases"] - len(leases),
+            "waiters": counts["waiters"] - len(waiters),
+        },
         "drained": [{"type": t, "id": i, "reason": r} for (t, i), r in drained.items()],
         "vanished": [
             {"type": v["type"], "id": v["id"], "held": v["held"]} for v in snap["vanished"]
@@ -138,8 +163,11 @@ def _instances(
     leases: list[dict[str, Any]],
     drained: dict[tuple[str, str], str],
     vanished: list[dict[str, Any]],
+    whole: frozenset[str] | None,
 ) -> dict[str, list[dict[str, Any]]]:
-    """One row per instance of each type: capacity, use, the leases on it, drain reason."""
+    """One row per instance of each type: capacity, use, the leases on it, drain reason.
+    With `whole` (a paged reply), types not in it get rows only for instances that the
+    listed leases hold or that are drained."""
     held: dict[tuple[str, str], list[tuple[str, int]]] = {}
     for le in leases:
         for rtype, items in le["resources"].items():
@@ -150,6 +178,8 @@ def _instances(
     for node in pool.nodes[:1]:  # an agent serves one node
         for rtype, insts in node.resources.items():
             rows = out.setdefault(rtype, [])
+            if whole is not None and rtype not in whole:
+                insts = _some(node, rtype, held, drained)
             for inst in insts:
                 key = (rtype, inst.id)
                 on = held.get(key)
@@ -178,3 +208,45 @@ def _instances(
             }
         )
     return out
+
+
+def _gpu_types(pool: Any) -> frozenset[str]:
+    """Types whose instances have a UUID or an NVML index: listed whole, every lease too."""
+    return _indexed(pool.nodes[0])[1] if pool.nodes else frozenset()
+
+
+def _some(
+    node: Any, rtype: str, held: dict[tuple[str, str], Any], drained: dict[tuple[str, str], str]
+) -> list[Any]:
+    """The instances of `rtype` that a listed lease holds or that are drained, pool order:
+    looked up by id, not found by a walk over every instance."""
+    where = _indexed(node)[0].get(rtype, {})
+    ids = {i for t, i in held if t == rtype} | {i for t, i in drained if t == rtype}
+    insts = node.resources[rtype]
+    return [insts[n] for n in sorted(where[i] for i in ids if i in where)]
+
+
+_last: list[Any] = [None, ({}, frozenset())]  # the node last indexed, and its index
+
+
+def _indexed(node: Any) -> tuple[dict[str, dict[str, int]], frozenset[str]]:
+    """({type: {id: position}}, GPU-like types) of `node`, made once per pool (a reload
+    makes new nodes) rather than by a walk over every instance on each call."""
+    if _last[0] is not node:
+        where = {t: {i.id: n for n, i in enumerate(insts)} for t, insts in node.resources.items()}
+        gpus = frozenset(
+            t
+            for t, insts in node.resources.items()
+            if any("uuid" in i.properties or "index" in i.properties for i in insts)
+        )
+        _last[:] = [node, (where, gpus)]
+    return _last[1]
+
+
+def _ranges(ids: list[str]) -> str:
+    """Numeric ids as a cpulist (`0-63,70`), others joined by commas."""
+    if ids and all(i.isdigit() for i in ids):
+        from .probes.sysfs import format_cpulist
+
+        return format_cpulist([int(i) for i in ids])
+    return ",".join(ids)

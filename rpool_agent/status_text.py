@@ -1,7 +1,7 @@
 """`rpool-agent status` for people: one table per resource type, its waiters, the audit.
 
 Reads the documented status schema (status_doc.py, docs/status.md), nothing else, so it
-renders a reply from any agent that speaks schema 1. Every string that came from a
+renders a reply from any agent that speaks schema 1 or 2. Every string that came from a
 client (labels) or from /proc (commands) is made printable first: a label holding
 terminal escapes must not redraw an admin's screen.
 """
@@ -76,11 +76,16 @@ def render_status(doc: dict[str, Any]) -> str:
     for rtype, rows in sorted(instances.items(), key=lambda kv: (not _gpu_like(kv[1]), kv[0])):
         if lines:
             lines.append("")
-        lines += _type_section(rtype, doc.get("types", {}).get(rtype, {}), rows, leases)
+        idle = doc.get("idle", {}).get(rtype)
+        lines += _type_section(rtype, doc.get("types", {}).get(rtype, {}), rows, leases, idle)
         lines += _waiters(w for w in waiters if rtype in request_types(w))
     other = [w for w in waiters if not request_types(w) & set(doc.get("instances", {}))]
     if other:
         lines += ["", *_waiters(other)]
+    more = doc.get("more") or {}
+    if more.get("leases") or more.get("waiters"):
+        what = [f"{more[k]} more {k}" for k in ("leases", "waiters") if more.get(k)]
+        lines += ["", f"and {' and '.join(what)} not listed (`rpool-agent status --all`)"]
     if not lines:
         lines.append("empty pool")
     if doc.get("gpus_unavailable"):
@@ -105,8 +110,14 @@ def request_types(waiter: dict[str, Any]) -> set[str]:
 
 
 def _type_section(
-    rtype: str, counts: dict[str, Any], rows: list[dict[str, Any]], leases: dict[str, Any]
+    rtype: str,
+    counts: dict[str, Any],
+    rows: list[dict[str, Any]],
+    leases: dict[str, Any],
+    idle_ids: str | None = None,
 ) -> list[str]:
+    """`idle_ids`: the document's summary of the idle instances (schema 2), which a paged
+    reply has no rows for."""
     total, free = counts.get("total", 0), counts.get("free", 0)
     head = f"{printable(rtype, 32)}: {free} of {total} slots free"
     extra = [f"{counts[k]} {k}" for k in ("used", "drained", "stale") if counts.get(k)]
@@ -140,7 +151,10 @@ def _type_section(
     headers += ["STATE", "PID", "USER", "COMMAND", "LABEL", "AGE"]
     if cells:
         lines += table(headers, cells)
-    if len(show) < len(rows):
+    if idle_ids is not None and not gpu_like:
+        if idle_ids:
+            lines.append(f"  free: {printable(idle_ids, 200)}")
+    elif len(show) < len(rows):
         lines.append(f"  free: {_id_list([r['id'] for r in idle])}")
     elif not rows:
         lines.append("  no instances")

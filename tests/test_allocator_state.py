@@ -192,6 +192,26 @@ class AllocatorMachine(RuleBasedStateMachine):
             }
 
     @invariant()
+    def a_page_lists_its_leases_and_every_lease_of_a_whole_type(self) -> None:
+        """`snapshot(limit, whole)`, which status pages with: the first `limit` leases in
+        grant order, then every other lease on a type in `whole` (found through the
+        allocator's instance index, which every grant, release and reap must keep)."""
+        ids = list(self.a.leases)
+        for limit in (0, 1, 3):
+            for whole in ((), (TYPES[0],)):
+                snap = self.a.snapshot(limit, whole)
+                got = [le["id"] for le in snap["leases"]]
+                assert got[:limit] == ids[:limit]
+                on_whole = {
+                    lid
+                    for lid, lease in self.a.leases.items()
+                    if any(s.type in whole for s in lease.held)
+                }
+                assert set(got) == set(ids[:limit]) | on_whole and len(got) == len(set(got))
+                assert snap["counts"] == {"leases": len(ids), "waiters": len(self.waiting)}
+                assert len(snap["waiters"]) == min(limit, len(self.waiting))
+
+    @invariant()
     def model_agrees(self) -> None:
         assert {lid: lease.owner for lid, lease in self.a.leases.items()} == self.leases
         assert self.a.waiting() == list(self.waiting)  # dicts keep submission order

@@ -127,3 +127,24 @@ def test_write_textfile_replaces_only_a_regular_file(tmp_path: Path) -> None:
             write_textfile(str(path), b"x 1\n")
     assert link.is_symlink() and not (tmp_path / "elsewhere").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_leases_and_waiters_count_what_a_page_left_out(tmp_path: Path) -> None:
+    """The agent's metrics come from a paged status document (docs/status.md): the
+    gauges count every lease and waiter, not only the listed ones."""
+    with running_agent(tmp_path) as agent, agent.client() as c:
+        for _ in range(3):
+            c.acquire(cpus=1)
+        waiter = subprocess.Popen(
+            [*RPOOL, "run", "--cpus", "4", "--", "true"], env=agent.env, stderr=subprocess.DEVNULL
+        )
+        try:
+            wait_until(lambda: len(agent.status()["waiters"]) == 1)
+            page = c.status(limit=0)
+        finally:
+            waiter.kill()
+            waiter.wait()
+    assert page["leases"] == [] and page["waiters"] == []
+    text = render(page, Tally()).decode()
+    assert value(text, "rpool_agent_leases") == 3
+    assert value(text, "rpool_agent_waiters") == 1

@@ -6,6 +6,7 @@ come from psutil in the agent, and are checked against what this test knows of t
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import subprocess
@@ -15,8 +16,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 from agent_fixture import Agent, gpu_pool, running_agent, wait_until
 
+from rpool_agent.errors import RequestError
 from rpool_agent.status_text import format_age, render_status, short_uuid
 
 RPOOL = [sys.executable, "-m", "rpool_agent.cli"]
@@ -25,7 +28,7 @@ ME = pwd.getpwuid(os.getuid()).pw_name
 # The schema's objects and their keys, as docs/status.md lists them: a key added or
 # dropped here without the docs (and a schema bump for a dropped one) is a break.
 TOP = {"schema", "agent", "connections", "types", "instances", "leases", "waiters", "drained"}
-TOP |= {"vanished", "audit", "gpus_unavailable"}
+TOP |= {"vanished", "audit", "gpus_unavailable", "idle", "complete", "more"}
 HOLDER = {"pid", "uid", "gid", "starttime", "user", "command"}
 LEASE = {"id", "label", "holder", "age_s", "resources", "stale"}
 WAITER = {"position", "holder", "label", "request", "request_text", "waited_s", "timeout_s"}
@@ -72,7 +75,9 @@ def busy_agent(tmp_path: Path) -> Iterator[tuple[Agent, subprocess.Popen[bytes],
 def test_status_json_names_holders_and_waiters_and_leaks_nothing(tmp_path: Path) -> None:
     with busy_agent(tmp_path) as (agent, holder, waiter):
         doc = agent.status()
-    assert set(doc) == TOP and doc["schema"] == 1
+    assert set(doc) == TOP and doc["schema"] == 2
+    assert doc["complete"] and doc["more"] == {"leases": 0, "waiters": 0}
+    assert doc["idle"] == {"cpus": "0-3"}  # GPUs are listed whole, never summed up
     assert not keys_anywhere(doc) & INTERNAL
     assert doc["agent"]["pid"] == agent.proc.pid
     assert doc["types"]["gpus"] == {"total": 4, "free": 1, "used": 2, "drained": 1, "stale": 0}
@@ -143,3 +148,39 @@ def test_status_of_an_idle_agent_and_the_formatting_helpers(tmp_path: Path) -> N
     ]
     assert short_uuid("GPU-8a1b2c3d-0000-0000-0000-000000000000") == "GPU-8a1b2c3d"
     assert short_uuid(None) == "-"
+
+
+def test_status_lists_a_bounded_page_unless_asked_for_all(tmp_path: Path) -> None:
+    """5 one-cpu leases and a GPU lease granted last: a page of 2 lists 2 cpu leases,
+    the GPU lease anyway (the audit needs every GPU holder), counts the rest in `more`,
+    has cpu rows only for what it lists and sums the idle cpus up as ranges."""
+    with running_agent(tmp_path, gpu_pool(2, 8)) as agent, agent.client() as c:
+        cpu_leases = [c.acquire(cpus=1, label=f"job{n}") for n in range(5)]
+        gpu_lease = c.acquire(gpus=1)
+        c.drain("cpus:7", "hot")
+        page = c.status(limit=2)
+        everything = c.status(all=True)
+        default = c.status()
+        with pytest.raises(RequestError, match="limit"):
+            c.status(limit=-2)
+        with pytest.raises(RequestError, match="all"):
+            c.call("status", all="yes")
+        cli = subprocess.run(
+            [*RPOOL, "status", "--all", "--json"], env=agent.env, capture_output=True, check=True
+        )
+    ids = [le["id"] for le in page["leases"]]
+    assert ids == [cpu_leases[0].id, cpu_leases[1].id, gpu_lease.id]
+    assert page["more"] == {"leases": 3, "waiters": 0} and not page["complete"]
+    held = {r["id"]: r["leases"] for r in page["instances"]["cpus"]}
+    assert held == {"0": [ids[0]], "1": [ids[1]], "7": []}  # listed leases' cpus, drained
+    assert page["instances"]["cpus"][-1]["drained"] == "hot"
+    assert page["idle"] == {"cpus": "5-6"} and page["types"]["cpus"]["free"] == 2
+    assert [g["leases"] for g in page["instances"]["gpus"]] == [[gpu_lease.id], []]
+    text = render_status(page)
+    assert "  free: 5-6" in text and "and 3 more leases not listed" in text
+
+    assert everything["complete"] and everything["more"] == {"leases": 0, "waiters": 0}
+    assert len(everything["leases"]) == 6 and len(everything["instances"]["cpus"]) == 8
+    assert "more leases" not in render_status(everything)
+    assert len(default["leases"]) == 6  # under the default page of 100
+    assert json.loads(cli.stdout)["complete"]

@@ -58,6 +58,12 @@ def declare_status(p: argparse.ArgumentParser) -> None:
         help="the agent's status reply as JSON (schema: docs/status.md)",
     )
     p.add_argument(
+        "--all",
+        dest="everything",
+        action="store_true",
+        help="every lease, waiter and instance (default: the first 100 of each, all GPUs)",
+    )
+    p.add_argument(
         "--watch", action="store_true", help="redraw the view as it changes, until Ctrl-C"
     )
     p.add_argument(
@@ -133,7 +139,7 @@ def status(args: argparse.Namespace) -> int:
             watch(c, interval=args.interval)
         return 0
     with Client() as c:
-        snap = c.status()
+        snap = c.status(all=args.everything)
     if args.as_json:
         import json
 
