@@ -56,9 +56,11 @@ class ProcessNames:
 
 
 def _lookup(pid: int, uid: int | None) -> dict[str, str | None]:
-    import psutil
-
     command: str | None = None
+    try:
+        import psutil
+    except (ImportError, OSError):  # at the descriptor limit even an import fails (EMFILE):
+        return {"user": user_name(uid), "command": None}  # status still answers
     try:
         proc = psutil.Process(pid)
         command = proc.name() or None

@@ -199,13 +199,18 @@ def test_out_of_descriptors_refuses_new_requests_and_never_drops_a_live_holder(
             c = Conn(agent.socket)
             first = c.call({"id": 1, "op": "acquire", "request": {"gpus": 1}, "holder_pid": p.pid})
             assert first["ok"]
+            # The agent's first GPU audit runs in a worker thread at start; under load it
+            # could still hold a descriptor when the limit drops. Wait for it to finish.
+            wait_until(lambda: c.call({"id": 0, "op": "status"})["result"]["audit"] is not None)
             _leave_free(agent.proc.pid, 1)
             second = c.call({"id": 2, "op": "acquire", "request": {"gpus": 1}, "holder_pid": p.pid})
             assert second["ok"], second  # P's pidfd is shared: no new descriptor needed
             third = c.call({"id": 3, "op": "acquire", "request": {"gpus": 1}, "holder_pid": q.pid})
             assert (third["ok"], third["error"]["code"]) == (False, "limit"), third
             assert "Too many open files" in third["error"]["message"]
-            held = {le["id"] for le in c.call({"id": 4, "op": "status"})["result"]["leases"]}
+            status = c.call({"id": 4, "op": "status"})
+            assert status["ok"], status
+            held = {le["id"] for le in status["result"]["leases"]}
             assert held == {first["result"]["id"], second["result"]["id"]}
             # No descriptor at all: a new connection waits in the backlog, without a
             # traceback in the log, and is served once descriptors are back.
