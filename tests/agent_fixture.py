@@ -165,3 +165,28 @@ def answer_within(seconds: int) -> Iterator[None]:
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+
+
+class Conn:
+    """A raw protocol connection: frames out, frames in (events and replies alike)."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(path)
+        self.sock.settimeout(10)
+        self.file = self.sock.makefile("rb")
+        assert self.call({"id": 0, "op": "hello", "version": 1})["ok"]
+
+    def send(self, msg: dict[str, Any]) -> None:
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+
+    def next(self) -> dict[str, Any]:
+        return json.loads(self.file.readline())
+
+    def call(self, msg: dict[str, Any]) -> dict[str, Any]:
+        self.send(msg)
+        return self.next()
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()

@@ -19,37 +19,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent_fixture import answer_within, gpu_pool, running_agent, wait_until
+from agent_fixture import Conn, answer_within, gpu_pool, running_agent, wait_until
 from other_user import as_user, public_dir, second_user  # noqa: F401 (fixtures)
 
 import rpool_agent.handoff  # noqa: F401  (loaded before a child drops privileges)
 from rpool_agent.client import Client
 from rpool_agent.errors import LimitExceeded
-
-
-class Conn:
-    """A raw protocol connection: frames out, frames in (events and replies alike)."""
-
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(path)
-        self.sock.settimeout(10)
-        self.file = self.sock.makefile("rb")
-        assert self.call({"id": 0, "op": "hello", "version": 1})["ok"]
-
-    def send(self, msg: dict[str, Any]) -> None:
-        self.sock.sendall(json.dumps(msg).encode() + b"\n")
-
-    def next(self) -> dict[str, Any]:
-        return json.loads(self.file.readline())
-
-    def call(self, msg: dict[str, Any]) -> dict[str, Any]:
-        self.send(msg)
-        return self.next()
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
 
 
 def config(tmp: Path, **keys: Any) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_fixture import gpu_pool, running_agent, wait_until
+from agent_fixture import Conn, gpu_pool, running_agent, wait_until
 
 from rpool_agent.errors import (
     RequestError,
@@ -268,31 +268,6 @@ def test_a_token_utf8_cannot_hold_still_reclaims_its_lease(tmp_path: Path) -> No
         a.close()
         b.close()
         assert "Traceback" not in agent.log()
-
-
-class Conn:
-    """A raw protocol connection: frames out, frames in (events and replies alike)."""
-
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(path)
-        self.sock.settimeout(10)
-        self.file = self.sock.makefile("rb")
-        assert self.call({"id": 0, "op": "hello", "version": 1})["ok"]
-
-    def send(self, msg: dict[str, Any]) -> None:
-        self.sock.sendall(json.dumps(msg).encode() + b"\n")
-
-    def next(self) -> dict[str, Any]:
-        return json.loads(self.file.readline())
-
-    def call(self, msg: dict[str, Any]) -> dict[str, Any]:
-        self.send(msg)
-        return self.next()
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
 
 
 def test_a_waiter_for_a_holder_process_gets_its_reply_when_that_process_exits(
