@@ -18,9 +18,7 @@ import select
 import shutil
 import signal
 import subprocess
-import tempfile
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -47,25 +45,31 @@ def second_user() -> Iterator[pwd.struct_passwd]:
         subprocess.run([userdel, name], check=False, capture_output=True)
 
 
-@pytest.fixture
-def public_dir() -> Iterator[Path]:
-    """A root-owned 0755 directory another user can reach (pytest's tmp_path is 0700)."""
-    d = Path(tempfile.mkdtemp(prefix="rpool-hostile-", dir="/tmp"))
-    d.chmod(0o755)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
 class AsUser:
-    """A forked process running `fn(report)` as `user`; each report is one JSON line."""
+    """A forked process running `fn(report)` as `user`; each report is one JSON line.
 
-    def __init__(self, user: pwd.struct_passwd, fn: Callable[[Report], None]) -> None:
+    `groups` are the child's supplementary groups; `close_fds` closes every inherited
+    descriptor but the report pipe first; `timeout` is `read`'s default deadline.
+    """
+
+    def __init__(
+        self,
+        user: pwd.struct_passwd,
+        fn: Callable[[Report], None],
+        groups: tuple[int, ...] = (),
+        *,
+        close_fds: bool = False,
+        timeout: float = 30.0,
+    ) -> None:
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: drop privileges first, touch nothing of the parent's
             try:
                 os.close(r)
-                os.setgroups([])
+                if close_fds:
+                    os.closerange(3, w)
+                    os.closerange(w + 1, 4096)
+                os.setgroups(list(groups))
                 os.setgid(user.pw_gid)
                 os.setuid(user.pw_uid)
                 out = os.fdopen(w, "w", buffering=1)
@@ -78,8 +82,10 @@ class AsUser:
         self.pid = pid
         self._fd = r
         self._buf = b""
+        self.timeout = timeout
 
-    def read(self, timeout: float = 30.0) -> Any:
+    def read(self, timeout: float | None = None) -> Any:
+        timeout = self.timeout if timeout is None else timeout
         while b"\n" not in self._buf:
             ready, _, _ = select.select([self._fd], [], [], timeout)
             assert ready, "the child said nothing in time"

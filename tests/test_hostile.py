@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from agent_fixture import Conn, answer_within, gpu_pool, running_agent, wait_until
-from other_user import as_user, public_dir, second_user  # noqa: F401 (fixtures)
+from other_user import as_user, second_user  # noqa: F401 (a fixture)
 
 import rpool_agent.handoff  # noqa: F401  (loaded before a child drops privileges)
 from rpool_agent.client import Client
@@ -47,7 +47,7 @@ def _predicted_next(leases_dir: Path, lease_id: str) -> str | None:
 
 
 def test_a_holder_cannot_race_its_lease_files_into_a_root_file_takeover(
-    public_dir: Path,  # noqa: F811
+    public_dir: Path,
     second_user: Any,  # noqa: F811
 ) -> None:
     """The attack that worked: predict the next lease directory, and once the agent has
@@ -219,7 +219,7 @@ def test_out_of_descriptors_refuses_new_requests_and_never_drops_a_live_holder(
 
 
 def test_every_acquire_counts_under_the_uid_caps_empty_ones_too(
-    public_dir: Path,  # noqa: F811
+    public_dir: Path,
     second_user: Any,  # noqa: F811
 ) -> None:
     """`{"request": {}}` and `{"gpus": 0}` were granted without end (50,000 leases took
@@ -266,7 +266,7 @@ def test_every_acquire_counts_under_the_uid_caps_empty_ones_too(
 
 
 def test_leases_restored_after_a_restart_count_under_the_uid_caps(
-    public_dir: Path,  # noqa: F811
+    public_dir: Path,
     second_user: Any,  # noqa: F811
 ) -> None:
     caps = config(public_dir, max_leases_per_uid=2)

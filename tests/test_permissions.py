@@ -12,21 +12,18 @@ import grp  # noqa: F401  (the client imports it; loaded before a child drops pr
 import json
 import os
 import pwd
-import select
-import shutil
-import signal
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from agent_fixture import gpu_pool, running_agent, wait_until
+from other_user import AsUser, Report
 
 import rpool_agent.handoff  # noqa: F401  (loaded before a child drops privileges)
 from rpool_agent.client import Client
@@ -41,65 +38,16 @@ ADMIN_GID = 4242  # no /etc/group entry needed: --admin-group takes a number
 SOCKET_GID = 4243
 HELLO = b'{"id":0,"op":"hello","version":1}\n'
 CLI = (sys.executable, "-m", "rpool_agent.cli")
-Report = Callable[[Any], None]
 
 
-@pytest.fixture
-def public_dir() -> Iterator[Path]:
-    """A root-owned 0755 directory `nobody` can reach (pytest's tmp_path is 0700)."""
-    d = Path(tempfile.mkdtemp(prefix="rpool-perm-", dir="/tmp"))
-    d.chmod(0o755)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-class Child:
-    """A forked process running `fn(report)` as `nobody`; each report is one JSON line."""
-
-    def __init__(self, fn: Callable[[Report], None], groups: tuple[int, ...] = ()) -> None:
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: drop privileges first, touch nothing of the parent's
-            try:
-                os.close(r)
-                os.closerange(3, w)
-                os.closerange(w + 1, 4096)
-                os.setgroups(list(groups))
-                os.setgid(NOBODY.pw_gid)
-                os.setuid(NOBODY.pw_uid)
-                out = os.fdopen(w, "w", buffering=1)
-                fn(lambda obj: print(json.dumps(obj), file=out, flush=True))
-            except BaseException as exc:
-                os.write(w, (json.dumps({"crash": repr(exc)}) + "\n").encode())
-            finally:
-                os._exit(0)
-        os.close(w)
-        self.pid = pid
-        self._fd = r
-        self._buf = b""
-
-    def read(self, timeout: float = 10.0) -> Any:
-        while b"\n" not in self._buf:
-            ready, _, _ = select.select([self._fd], [], [], timeout)
-            assert ready, "the child said nothing in time"
-            chunk = os.read(self._fd, 65536)
-            assert chunk, "the child exited without a report"
-            self._buf += chunk
-        line, self._buf = self._buf.split(b"\n", 1)
-        obj = json.loads(line)
-        assert not (isinstance(obj, dict) and "crash" in obj), obj
-        return obj
-
-    def stop(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGKILL)
-        os.waitpid(self.pid, 0)
-        os.close(self._fd)
+def nobody(fn: Callable[[Report], None], groups: tuple[int, ...] = ()) -> AsUser:
+    """`fn` running as nobody, with no descriptor of the parent's."""
+    return AsUser(NOBODY, fn, groups, close_fds=True, timeout=10.0)
 
 
 def as_nobody(fn: Callable[[Report], None], groups: tuple[int, ...] = ()) -> Any:
     """Run `fn` as nobody; its one report."""
-    child = Child(fn, groups)
+    child = nobody(fn, groups)
     try:
         return child.read()
     finally:
@@ -307,7 +255,7 @@ def test_another_uid_cannot_release_reclaim_read_or_administer(public_dir: Path)
 # --- root and the same uid against nobody's lease -------------------------------------------
 
 
-def hold_as_nobody(sock: str, gpus: int = 1) -> Child:
+def hold_as_nobody(sock: str, gpus: int = 1) -> AsUser:
     def hold(report: Report) -> None:
         c = Client(sock, reconnect_timeout=0).connect()
         lease = c.acquire(gpus=gpus, files=True, label="nobody-job")
@@ -315,7 +263,7 @@ def hold_as_nobody(sock: str, gpus: int = 1) -> Child:
         report({"pool": Path(lease.files.pool).read_text()[:20]})  # the holder can read
         time.sleep(60)
 
-    return Child(hold)
+    return nobody(hold)
 
 
 def test_root_and_the_same_uid_may_release_a_users_lease(public_dir: Path) -> None:
