@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from .options import Command, add_pool_shape, echo, number, positive
+from .options import Command, add_pool_shape, echo, number, positive, tell_agent
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -112,21 +112,11 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def drain(args: argparse.Namespace) -> int:
-    from ..client import Client
-
-    with Client() as c:
-        c.drain(args.resource, args.reason)
-    echo(f"drained {args.resource}")
-    return 0
+    return tell_agent(lambda c: c.drain(args.resource, args.reason), f"drained {args.resource}")
 
 
 def undrain(args: argparse.Namespace) -> int:
-    from ..client import Client
-
-    with Client() as c:
-        c.undrain(args.resource)
-    echo(f"undrained {args.resource}")
-    return 0
+    return tell_agent(lambda c: c.undrain(args.resource), f"undrained {args.resource}")
 
 
 def reload(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import Command, UsageError, add_request, echo, request_args
+from .options import Command, UsageError, add_request, echo, request_args, tell_agent
 
 RUN_DOC = """\
 Lease resources, then exec CMD inside the lease.
@@ -116,12 +116,7 @@ def acquire(args: argparse.Namespace) -> int:
 
 
 def release(args: argparse.Namespace) -> int:
-    from ..client import Client
-
-    with Client() as c:
-        c.release(args.lease)
-    echo(f"released {args.lease}")
-    return 0
+    return tell_agent(lambda c: c.release(args.lease), f"released {args.lease}")
 
 
 def status(args: argparse.Namespace) -> int:

@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
+    from ..client import Client
+
     Handler = Callable[[argparse.Namespace], int]
     Commands = Any  # what `add_subparsers()` returns: it has `add_parser`
 
@@ -208,3 +210,14 @@ def request_args(args: argparse.Namespace) -> dict[str, object]:
 
 def echo(text: str, *, err: bool = False) -> None:
     print(text, file=sys.stderr if err else sys.stdout)
+
+
+def tell_agent(call: Callable[[Client], object], done: str) -> int:
+    """One request to the local agent, then `done` on stdout (drain, undrain, release).
+    A refusal raises, for `main` to print as one line."""
+    from ..client import Client
+
+    with Client() as c:
+        call(c)
+    echo(done)
+    return 0
