@@ -336,20 +336,3 @@ def test_wrong_types_are_malformed_not_internal_errors(tmp_path: Path) -> None:
             s.close()
         assert "Traceback" not in agent.log()
         assert agent.status()["leases"] == []
-
-
-def test_errors_name_no_internal_keys(tmp_path: Path) -> None:
-    """An error once showed the allocator's key for a waiter, `('pid', 24104, 54646)`."""
-    p = subprocess.Popen(["sleep", "300"])
-    try:
-        with running_agent(tmp_path, gpu_pool(1)) as agent:
-            c = Conn(agent.socket)
-            assert c.call({"id": 1, "op": "acquire", "request": {"gpus": 1}})["ok"]
-            ask = {"id": 5, "op": "acquire", "request": {"gpus": 1}, "holder_pid": p.pid}
-            assert c.call(ask)["event"] == "queued"
-            again = c.call(ask)
-            assert again["error"]["message"] == "request id 5 is already waiting"
-            c.close()
-    finally:
-        p.kill()
-        p.wait()

@@ -516,7 +516,8 @@ def test_status_shows_the_holder_a_reclaim_moved_the_lease_to(tmp_path: Path) ->
 def test_a_waiting_request_id_reused_is_refused_without_internal_names(tmp_path: Path) -> None:
     """Each waiting acquire is one record keyed by its id on its connection: a second
     acquire with the same id is refused (the first still waits), the error names only the
-    id, and `status` shows the waiter's holder, not an internal key."""
+    id, and `status` shows the waiter's holder, not an internal key (an error once named
+    the allocator's key for a waiter, `('pid', 24104, 54646)`)."""
     p = subprocess.Popen(["sleep", "300"])
     try:
         with running_agent(tmp_path, gpu_pool(1)) as agent:
@@ -526,6 +527,7 @@ def test_a_waiting_request_id_reused_is_refused_without_internal_names(tmp_path:
             assert c.call(ask)["event"] == "queued"
             again = c.call({**ask, "request": {"gpus": 1}})
             assert (again["id"], again["ok"], again["error"]["code"]) == (7, False, "bad_request")
+            assert again["error"]["message"] == "request id 7 is already waiting"
             assert "(" not in again["error"]["message"] and "pid" not in again["error"]["message"]
             [waiter] = agent.status()["waiters"]
             assert "req_id" not in waiter and waiter["holder"]["pid"] == p.pid  # docs/status.md
