@@ -34,13 +34,10 @@ class Tally:
         self.timeouts = 0
         self.wait_counts = [0] * (len(WAIT_BUCKETS) + 1)  # the last one is +Inf
         self.wait_sum = 0.0
-        self._queued: dict[Any, float] = {}  # request key -> when it started to wait
 
-    def queued(self, key: Any, now: float) -> None:
-        self._queued.setdefault(key, now)
-
-    def granted(self, key: Any, now: float) -> None:
-        waited = max(0.0, now - self._queued.pop(key, now))
+    def granted(self, waited: float) -> None:
+        """A grant after `waited` seconds in the queue (0 for one granted at once)."""
+        waited = max(0.0, waited)
         self.grants += 1
         self.wait_sum += waited
         for i, bound in enumerate(WAIT_BUCKETS):
@@ -57,8 +54,7 @@ class Tally:
         else:
             self.releases += 1
 
-    def denied(self, key: Any, *, timed_out: bool) -> None:
-        self._queued.pop(key, None)
+    def denied(self, *, timed_out: bool) -> None:
         self.timeouts += timed_out
 
     def copy(self) -> Tally:
@@ -68,11 +64,6 @@ class Tally:
         other.timeouts, other.wait_sum = self.timeouts, self.wait_sum
         other.wait_counts = list(self.wait_counts)
         return other
-
-    def keep_only(self, waiting: Any) -> None:
-        """Forget start times of requests no longer waiting (cancelled, disconnected)."""
-        still = set(waiting)
-        self._queued = {k: v for k, v in self._queued.items() if k in still}
 
 
 def render(doc: dict[str, Any], tally: Tally) -> bytes:

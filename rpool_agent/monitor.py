@@ -129,7 +129,6 @@ class Monitor:
         path = self.metrics_file
         if not path:
             return
-        self.tally.keep_only(k for _, k in self.service.allocator.waiting())
         doc, tally = self.status(), self.tally.copy()
         try:
             await asyncio.to_thread(lambda: write_textfile(path, render(doc, tally)))

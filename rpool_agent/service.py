@@ -59,6 +59,7 @@ class Pending:
     owner: Owner
     token: str | None
     want_files: bool
+    since: float  # when it was asked for, for the wait-time metric
 
 
 class Service:
@@ -154,12 +155,13 @@ class Service:
             if restored is not None and restored in self.allocator.leases:
                 return self._rebind(conn, restored, with_token=True)
         want_files = bool(files)
-        pending = Pending(conn, call.id, owner, token, want_files)
+        now = time.monotonic()
+        pending = Pending(conn, call.id, owner, token, want_files, now)
         events = self.allocator.submit(
             owner,
             pending,
             request,
-            now=time.monotonic(),
+            now=now,
             timeout=timeout,
             label=label,
             holder=holder.to_dict(),
@@ -168,7 +170,7 @@ class Service:
         # keep the route to this connection only for a request that waits.
         (ev,) = events
         if type(ev) is Granted:
-            self.monitor.tally.granted(None, 0.0)  # waited for nothing
+            self.monitor.tally.granted(0.0)  # waited for nothing
             self._grant(conn, call.id, ev.lease, holder, token, want_files)
             return _DEFERRED
         if type(ev) is Denied:
@@ -357,12 +359,11 @@ class Service:
                 self._on_granted(ev)
             elif isinstance(ev, Denied):
                 pending = ev.req_id
-                self.monitor.tally.denied(pending, timed_out=isinstance(ev.error, Timeout))
+                self.monitor.tally.denied(timed_out=isinstance(ev.error, Timeout))
                 if self._unroute(pending):
                     pending.conn.send(protocol.error(pending.call_id, ev.error))
             elif isinstance(ev, Queued):
                 pending = ev.req_id
-                self.monitor.tally.queued(pending, time.monotonic())
                 if pending in self.waiting:
                     pending.conn.send(
                         {"id": pending.call_id, "event": "queued", "position": ev.position}
@@ -377,7 +378,7 @@ class Service:
     def _on_granted(self, ev: Granted) -> None:
         """A waiter's grant (a release, reap or timeout made room)."""
         p: Pending = ev.req_id
-        self.monitor.tally.granted(p, ev.lease.granted_at)
+        self.monitor.tally.granted(ev.lease.granted_at - p.since)
         conn = p.conn if self._unroute(p) else None
         holder = Holder.from_dict(ev.lease.holder)
         self._grant(conn, p.call_id, ev.lease, holder, p.token, p.want_files)

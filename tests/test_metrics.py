@@ -89,8 +89,7 @@ def test_render_parses_with_odd_label_values() -> None:
         "audit": {"problem": None, "violations": [{"type": "gpus", "gpu": "0", "pid": 9}]},
     }
     tally = Tally()
-    tally.queued("a", 0.0)
-    tally.granted("a", 5000.0)  # past the last bucket: +Inf only
+    tally.granted(5000.0)  # past the last bucket: +Inf only
     text = render(doc, tally).decode()
     assert (
         value(text, "rpool_agent_drained", type="gpus", id="0", reason=doc["drained"][0]["reason"])
