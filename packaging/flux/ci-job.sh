@@ -11,7 +11,7 @@ set -euo pipefail
 harnesses() {
   rpool-agent run --gpus 2 -- ctest --test-dir build --resource-spec-file {ctest_spec} -j8 &
   local ctest=$!
-  rpool-agent run --gpus 2 -- canary run --resource-pool-file {pool_nodes} tests/ &
+  rpool-agent run --gpus 2 --cpus 2 -- canary --resource-pool-file {pool_nodes} run tests/ &
   local canary=$!
   local status=0
   for pid in "$ctest" "$canary"; do
