@@ -70,10 +70,18 @@ _V1_MEMS = ("cpuset.effective_mems", "cpuset.mems")
 _BARE_CPUS, _BARE_MEMS = ("effective_cpus", "cpus"), ("effective_mems", "mems")
 
 
+def cgroup_limits(r: Root) -> tuple[Cpuset | None, CpuQuota | None]:
+    """The cpuset and the CPU quota, from one reading of `/proc/self/cgroup` and the mounts."""
+    paths, table = _cgroup_paths(r), mounts(r)
+    return _cpuset(r, paths, table), _quota(r, paths, table)
+
+
 def cgroup_cpuset(r: Root) -> Cpuset | None:
     """The cpuset of this process's cgroup: v2 first, then v1 / the legacy cpuset fs."""
-    paths = _cgroup_paths(r)
-    table = mounts(r)
+    return _cpuset(r, _cgroup_paths(r), mounts(r))
+
+
+def _cpuset(r: Root, paths: dict[str, str], table: list[Mount]) -> Cpuset | None:
     places = _cpuset_places(r, paths, table)
     for version, base, rel, cpus_names, mems_names in places:
         hit = _walk_up(r, base, rel, cpus_names)
@@ -111,10 +119,8 @@ def _list(text: str) -> tuple[int, ...] | None:
         return None
 
 
-def cpu_quota(r: Root) -> CpuQuota | None:
+def _quota(r: Root, paths: dict[str, str], table: list[Mount]) -> CpuQuota | None:
     """The tightest CFS quota over this process's cgroup and its ancestors, or None."""
-    paths = _cgroup_paths(r)
-    table = mounts(r)
     if "" in paths:
         for m in [m for m in table if m.fstype == "cgroup2"] or _default_v2(table):
             rel = _relative(paths[""], m.root)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .cgroup import CpuQuota, Cpuset, cpu_quota
+from .cgroup import CpuQuota, Cpuset, cgroup_limits
 from .cgroup import cgroup_cpuset as _cgroup_cpuset
 from .sysfs import Root, as_root
 
@@ -353,7 +353,7 @@ def probe_cpus(root: Root | str = "/") -> CpuTopology:
     online = online_cpus(r)
     present = present_cpus(r)
     cores, packages, source = cores_and_packages(r, online)
-    aff, cpuset = affinity(r), cgroup_cpuset(r)
+    aff, (cpuset, quota) = affinity(r), cgroup_limits(r)
     head = _cpuinfo_head(r)
     model, vendor = _model_and_vendor(head)
     if _threads_are_cores(head):  # hardware.md: on AMD family 21 each thread is a core
@@ -373,5 +373,5 @@ def probe_cpus(root: Root | str = "/") -> CpuTopology:
         model_name=model,
         vendor=vendor,
         core_source=source,
-        quota=cpu_quota(r),
+        quota=quota,
     )
