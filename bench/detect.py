@@ -205,9 +205,6 @@ def main() -> int:
     verdict = "ok" if first < PROBE_TARGET_MS else "MISSED"
     print(f"probe time: {first:.1f} ms first call (target < {PROBE_TARGET_MS:g} ms: {verdict})")
 
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
-    path = out / f"detect-{time.strftime('%Y%m%d-%H%M%S')}.json"
     result = {
         "runs": runs,
         "cpus": os.cpu_count(),
@@ -226,9 +223,17 @@ def main() -> int:
         "against_ms": other_med,
         "against_runs_ms": other_runs,
     }
+    write_result("detect", result)
+    return 0
+
+
+def write_result(name: str, result: dict[str, object]) -> None:
+    """`result` as bench/results/<name>-<time>.json (bench/run.py writes its own here too)."""
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    path = out / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path.relative_to(HERE.parent)}")
-    return 0
 
 
 if __name__ == "__main__":

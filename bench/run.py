@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from detect import add_install_options, chosen_install  # bench/detect.py, beside this
+from detect import add_install_options, chosen_install, write_result  # bench/detect.py, beside this
 
 HERE = Path(__file__).resolve().parent
 RATIO_TARGET = 3.0
@@ -130,9 +130,6 @@ def main() -> int:
     cpu_ratio = cpu_med["rpool-agent run --gpus 1 -- true"] / cpu_base
     print(f"CPU time ratio: {cpu_ratio:.1f}x")
 
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
-    path = out / f"run-{time.strftime('%Y%m%d-%H%M%S')}.json"
     result = {
         "runs": runs,
         "cpus": os.cpu_count(),
@@ -146,8 +143,7 @@ def main() -> int:
         "runs_ms": times,
         "cpu_runs_ms": cpu,
     }
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path.relative_to(HERE.parent)}")
+    write_result("run", result)
     return 0
 
 
