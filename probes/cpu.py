@@ -314,14 +314,9 @@ def model_and_vendor(root: Root | str = "/") -> tuple[str | None, str | None]:
     return _model_and_vendor(_cpuinfo_head(as_root(root)))
 
 
-def threads_are_cores(root: Root | str = "/") -> bool:
-    """True on AMD family 21 (Bulldozer, Piledriver...): the kernel shows each compute
-    unit's two threads as siblings, but each is a core of its own (integer units, L1)."""
-    return _threads_are_cores(_cpuinfo_head(as_root(root)))
-
-
 def _cpuinfo_head(r: Root) -> dict[str, str]:
-    """The first record's fields that the functions above need (the others repeat them)."""
+    """The first record's fields that model, vendor and AMD family 21 need (the other
+    records repeat them)."""
     fields: dict[str, str] = {}
     for line in r.lines("proc/cpuinfo"):
         key, sep, value = line.partition(":")
@@ -334,6 +329,8 @@ def _cpuinfo_head(r: Root) -> dict[str, str]:
 
 
 def _threads_are_cores(fields: dict[str, str]) -> bool:
+    """True on AMD family 21 (Bulldozer, Piledriver...): the kernel shows each compute
+    unit's two threads as siblings, but each is a core of its own (integer units, L1)."""
     return fields.get("vendor_id") == "AuthenticAMD" and fields.get("cpu family") == "21"
 
 
