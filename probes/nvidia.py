@@ -300,15 +300,24 @@ def load_library() -> str | None:
     return None
 
 
-def _probe_nvml(root: Root) -> tuple[GpuReport | None, str, str]:
-    """(report, OK, "") when NVML answered, else (None, outcome, why not)."""
+def import_pynvml() -> tuple[ModuleType | None, str]:
+    """(pynvml, "") once `libnvidia-ml.so.1` loads, else (None, why NVML cannot be asked):
+    the probe's and the health poller's (nvml_check.py) first step."""
     why = load_library()
     if why is not None:
-        return None, ABSENT, why
+        return None, why
     try:
         import pynvml  # only here, never at module import
     except ImportError:
-        return None, ABSENT, "pynvml (nvidia-ml-py) is not installed"
+        return None, "pynvml (nvidia-ml-py) is not installed"
+    return pynvml, ""
+
+
+def _probe_nvml(root: Root) -> tuple[GpuReport | None, str, str]:
+    """(report, OK, "") when NVML answered, else (None, outcome, why not)."""
+    pynvml, why = import_pynvml()
+    if pynvml is None:
+        return None, ABSENT, why
     try:
         pynvml.nvmlInit()
     except (pynvml.NVMLError, OSError) as err:

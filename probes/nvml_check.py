@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 
-from .nvidia import load_library, nvml_error
+from .nvidia import import_pynvml, nvml_error
 
 TYPE_CHECKING = False  # not typing's: `detect` does not import typing
 if TYPE_CHECKING:
@@ -28,13 +28,9 @@ def check_devices(uuids: Iterable[str]) -> dict[str, str]:
     NVML failing as a whole (nvmlInit) fails every device with that reason: a GPU job
     would fail on each of them. Raises NvmlUnavailable when the library cannot be loaded.
     """
-    why = load_library()
-    if why is not None:
+    pynvml, why = import_pynvml()
+    if pynvml is None:
         raise NvmlUnavailable(why)
-    try:
-        import pynvml
-    except ImportError:
-        raise NvmlUnavailable("pynvml (nvidia-ml-py) is not installed") from None
     wanted = list(uuids)
     try:
         pynvml.nvmlInit()
