@@ -178,14 +178,19 @@ class Tree:
         if mounts is not None:
             self.write(mounts_at, mounts)
 
+    def cpuset(self, folder: str, cpus: str, mems: str, prefix: str = "", suffix: str = "") -> None:
+        """A cpuset folder's cpus and mems files: `cpus` (the legacy cpuset file system),
+        `cpuset.cpus` (v1), `cpuset.cpus.effective` (v2)."""
+        self.write(f"{folder}/{prefix}cpus{suffix}", cpus)
+        self.write(f"{folder}/{prefix}mems{suffix}", mems)
+
     def cgroup_v2_root(self, effective: str, mems: str = "0") -> None:
         """The process in the root cgroup of a pure v2 hierarchy at /sys/fs/cgroup."""
         self.write("proc/self/cgroup", "0::/")
         self.write("proc/self/mountinfo", V2_MOUNTINFO)
         self.write("proc/mounts", _mounts_of(V2_MOUNTINFO))
         self.write("sys/fs/cgroup/cgroup.controllers", V2_CONTROLLERS)
-        self.write("sys/fs/cgroup/cpuset.cpus.effective", effective)
-        self.write("sys/fs/cgroup/cpuset.mems.effective", mems)
+        self.cpuset("sys/fs/cgroup", effective, mems, prefix="cpuset.", suffix=".effective")
 
 
 def x86_cpuinfo(
@@ -308,8 +313,7 @@ def memory_only_node() -> None:
     # In hbm.slice: every CPU, but memory from node 0 and the CXL node 4 only (not 1)
     t.cgroup_v2_root("0-7", "0-1,4")
     t.write("proc/self/cgroup", "0::/hbm.slice")
-    t.write("sys/fs/cgroup/hbm.slice/cpuset.cpus.effective", "0-7")
-    t.write("sys/fs/cgroup/hbm.slice/cpuset.mems.effective", "0,4")
+    t.cpuset("sys/fs/cgroup/hbm.slice", "0-7", "0,4", prefix="cpuset.", suffix=".effective")
 
 
 def no_node_dir() -> None:
@@ -342,10 +346,8 @@ def old_kernel_hex() -> None:
         mounts="cgroup /sys/fs/cgroup/cpuset cgroup rw,relatime,cpuset 0 0\n",
         mounts_at="proc/mounts",
     )
-    t.write("sys/fs/cgroup/cpuset/cpuset.cpus", "0-7")
-    t.write("sys/fs/cgroup/cpuset/batch/cpuset.cpus", "0-7")
-    t.write("sys/fs/cgroup/cpuset/cpuset.mems", "0-1")
-    t.write("sys/fs/cgroup/cpuset/batch/cpuset.mems", "0-1")
+    for folder in ("sys/fs/cgroup/cpuset", "sys/fs/cgroup/cpuset/batch"):
+        t.cpuset(folder, "0-7", "0-1", prefix="cpuset.")
 
 
 def core_id_repeat() -> None:
@@ -388,12 +390,9 @@ def cpuset_legacy() -> None:
         mounts_at="proc/mounts",
     )
     t.write("proc/self/cpuset", "/batch/job7")
-    t.write("dev/cpuset/cpus", "0-7")
-    t.write("dev/cpuset/mems", "0-1")
-    t.write("dev/cpuset/batch/cpus", "2-7")
-    t.write("dev/cpuset/batch/mems", "0-1")
-    t.write("dev/cpuset/batch/job7/cpus", "2-5")
-    t.write("dev/cpuset/batch/job7/mems", "1")
+    t.cpuset("dev/cpuset", "0-7", "0-1")
+    t.cpuset("dev/cpuset/batch", "2-7", "0-1")
+    t.cpuset("dev/cpuset/batch/job7", "2-5", "1")
 
 
 def cgroupns() -> None:
@@ -417,8 +416,7 @@ def cgroupns() -> None:
     t.write(f"{cg}/cgroup.controllers", V2_CONTROLLERS)
     t.write(f"{cg}/cpuset.cpus.effective", "0-5")  # the host's root: 6-7 isolated
     t.write(f"{cg}/cpuset.mems.effective", "0")
-    t.write(f"{cg}/kubepods.slice/pod-7f3a/cpuset.cpus.effective", "1-2,5-6")
-    t.write(f"{cg}/kubepods.slice/pod-7f3a/cpuset.mems.effective", "0")
+    t.cpuset(f"{cg}/kubepods.slice/pod-7f3a", "1-2,5-6", "0", prefix="cpuset.", suffix=".effective")
     t.write(
         "proc/self/status",
         "Name:\tcat\nCpus_allowed:\t66\nCpus_allowed_list:\t1-2,5-6\n"
