@@ -28,10 +28,12 @@ def user_name(uid: int | None) -> str | None:
 
 
 class ProcessNames:
-    """pid -> {"user", "command"}, cached while the same process (pid + start time) lives."""
+    """pid -> {"user", "command"}; the user is cached while the same process (pid + start
+    time) lives, the command is read afresh each time: `rpool-agent run` holds its lease
+    before it execs the command, and an exec keeps both the pid and the start time."""
 
     def __init__(self) -> None:
-        self._cache: dict[tuple[int, Any], dict[str, str | None]] = {}
+        self._users: dict[tuple[int, Any], str | None] = {}
 
     def describe(self, pid: int, uid: int | None = None, starttime: Any = None) -> dict[str, Any]:
         """`{"pid", "user", "command"}`; user and command None where the process is gone.
@@ -41,34 +43,36 @@ class ProcessNames:
         tells a person which tool holds a GPU.
         """
         key = (pid, starttime)
-        facts = self._cache.get(key)
-        if facts is None:
-            facts = _lookup(pid, uid)
-            if len(self._cache) >= _MAX_CACHED:
-                self._cache.clear()
-            self._cache[key] = facts
-        return {"pid": pid, **facts}
+        known = key in self._users
+        command, real_uid = _lookup(pid, want_uid=uid is None and not known)
+        if not known:
+            if len(self._users) >= _MAX_CACHED:
+                self._users.clear()
+            self._users[key] = user_name(uid if uid is not None else real_uid)
+        return {"pid": pid, "user": self._users[key], "command": command}
 
     def forget_all_but(self, pids: Iterable[int]) -> None:
         """Drop what is cached for pids no longer of interest (leases ended)."""
         keep = set(pids)
-        self._cache = {k: v for k, v in self._cache.items() if k[0] in keep}
+        self._users = {k: v for k, v in self._users.items() if k[0] in keep}
 
 
-def _lookup(pid: int, uid: int | None) -> dict[str, str | None]:
+def _lookup(pid: int, *, want_uid: bool) -> tuple[str | None, int | None]:
+    """The process's name and (if wanted) real uid; None for what cannot be read."""
     command: str | None = None
+    uid: int | None = None
     try:
         import psutil
     except (ImportError, OSError):  # at the descriptor limit even an import fails (EMFILE):
-        return {"user": user_name(uid), "command": None}  # status still answers
+        return None, None  # status still answers
     try:
         proc = psutil.Process(pid)
         command = proc.name() or None
-        if uid is None:
+        if want_uid:
             uid = proc.uids().real
     except (psutil.Error, OSError):  # gone, or a pid this process may not look at
         pass
-    return {"user": user_name(uid), "command": command}
+    return command, uid
 
 
 def ancestors(pid: int) -> list[int] | None:

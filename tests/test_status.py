@@ -55,7 +55,11 @@ def busy_agent(tmp_path: Path) -> Iterator[tuple[Agent, subprocess.Popen[bytes],
         )
         waiter = None
         try:
+            # `run` holds the lease before it execs `sleep`: a status asked in between
+            # names the holder `rpool-agent`; once exec'd, every later status must say
+            # `sleep` (a command cached by pid and start time, which exec keeps, did not).
             wait_until(lambda: len(agent.status()["leases"]) == 1)
+            wait_until(lambda: agent.status()["leases"][0]["holder"]["command"] == "sleep")
             with agent.client() as c:
                 c.drain("gpus:3", "bad fan")
             waiter = subprocess.Popen(
@@ -184,3 +188,25 @@ def test_status_lists_a_bounded_page_unless_asked_for_all(tmp_path: Path) -> Non
     assert "more leases" not in render_status(everything)
     assert len(default["leases"]) == 6  # under the default page of 100
     assert json.loads(cli.stdout)["complete"]
+
+
+def test_a_holder_is_named_by_its_command_after_it_execs() -> None:
+    """`rpool-agent run` leases, then execs the command; an exec keeps the pid and start
+    time, so a name cached under them would name the holder `python3` for ever."""
+    from rpool_agent.procinfo import ProcessNames
+
+    code = "import os, sys; sys.stdin.readline(); os.execvp('sleep', ['sleep', '60'])"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE)
+    try:
+        names = ProcessNames()
+        before = names.describe(proc.pid, starttime=1)
+        assert before["command"] and before["command"].startswith("python")
+        assert proc.stdin is not None
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
+        comm = Path(f"/proc/{proc.pid}/comm")
+        wait_until(lambda: comm.read_text().strip() == "sleep")
+        assert names.describe(proc.pid, starttime=1) == {**before, "command": "sleep"}
+    finally:
+        proc.kill()
+        proc.wait()
