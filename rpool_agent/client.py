@@ -251,7 +251,9 @@ class Client:
                 "acquire",
                 request=request,
                 timeout=timeout,
-                label=label,
+                # a label from argv or a file name may hold undecodable bytes (as lone
+                # surrogates), which the agent refuses as no text
+                label=protocol.valid_text(label) if label is not None else None,
                 holder_pid=holder_pid,
                 files=files or None,
                 token=os.urandom(16).hex(),

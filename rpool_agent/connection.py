@@ -15,7 +15,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import protocol
+from . import codec, protocol
 from .errors import MessageTooLarge, ProtocolError
 from .holders import Holder, peer_credentials
 
@@ -76,7 +76,9 @@ class Connection(asyncio.BufferedProtocol):
             self.peer = peer_credentials(sock)
         except OSError:
             self.peer = Holder(-1, -1, -1)
-        self.decoder = protocol.FrameDecoder(self.server.limits.max_message_bytes)
+        self.decoder = protocol.FrameDecoder(
+            self.server.limits.max_message_bytes, codec.decode_frame
+        )
         if not self.server.admit(self):
             return
         loop = asyncio.get_running_loop()
@@ -165,7 +167,7 @@ class Connection(asyncio.BufferedProtocol):
     # -- helpers -------------------------------------------------------------------------
 
     def send(self, message: dict[str, Any]) -> None:
-        self.send_bytes(protocol.encode(message))
+        self.send_bytes(codec.encode_frame(message))
 
     def send_bytes(self, data: bytes) -> None:
         """Queue a frame; it leaves at the end of this loop turn, after the journal lines

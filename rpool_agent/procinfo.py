@@ -13,6 +13,8 @@ import pwd
 from collections.abc import Iterable
 from typing import Any
 
+from .protocol import valid_text
+
 #: Cached descriptions kept at most; a busy node has far fewer live holders.
 _MAX_CACHED = 4096
 
@@ -22,7 +24,7 @@ def user_name(uid: int | None) -> str | None:
     if uid is None or uid < 0:
         return None
     try:
-        return pwd.getpwuid(uid).pw_name
+        return valid_text(pwd.getpwuid(uid).pw_name)
     except KeyError:
         return str(uid)
 
@@ -67,7 +69,7 @@ def _lookup(pid: int, *, want_uid: bool) -> tuple[str | None, int | None]:
         return None, None  # status still answers
     try:
         proc = psutil.Process(pid)
-        command = proc.name() or None
+        command = valid_text(proc.name()) or None  # a process may name itself any bytes
         if want_uid:
             uid = proc.uids().real
     except (psutil.Error, OSError):  # gone, or a pid this process may not look at

@@ -1,9 +1,10 @@
 """The wire protocol, sans I/O: newline-delimited JSON frames, at most 64 KiB each.
 
 The server and the client both feed received bytes into a `FrameDecoder` and get whole
-messages back; they encode with `encode`. Nothing here touches a socket, so the codec is
-tested with bare calls and the same rules hold on both ends. docs/protocol.md is the
-reference for every operation and error code.
+messages back. The client encodes with `encode` and decodes with the stdlib's json; the
+agent brings its own codec (codec.py) to the same decoder and rules. Nothing here touches
+a socket, so the codec is tested with bare calls and the same rules hold on both ends.
+docs/protocol.md is the reference for every operation and error code.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from .errors import MessageTooLarge, ProtocolError, RpoolAgentError
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every `rpool-agent run`
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 PROTOCOL_VERSION = 1
@@ -70,10 +72,13 @@ class FrameDecoder:
     connection, since the stream can no longer be trusted to resynchronise.
     """
 
-    __slots__ = ("_buf", "limit")
+    __slots__ = ("_buf", "_decode", "limit")
 
-    def __init__(self, limit: int = MAX_MESSAGE_BYTES) -> None:
+    def __init__(
+        self, limit: int = MAX_MESSAGE_BYTES, decode: Callable[[bytes], Any] | None = None
+    ) -> None:
         self.limit = limit
+        self._decode = decode or decode_frame  # the agent passes codec.decode_frame
         self._buf = b""
 
     @property
@@ -85,11 +90,12 @@ class FrameDecoder:
         *lines, rest = buf.split(b"\n")
         self._buf = b""
         out: list[Any] = []
+        decode = self._decode
         for line in lines:
             if len(line) > self.limit:
                 raise self._too_large(out)
             if line.strip():
-                out.append(decode_frame(line))
+                out.append(decode(line))
         if len(rest) > self.limit:
             raise self._too_large(out)
         self._buf = rest
@@ -108,6 +114,17 @@ def decode_frame(line: bytes) -> Any:
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         detail = str(exc) if not isinstance(exc, RecursionError) else "nested too deeply"
         return ProtocolError(f"malformed message: {detail[:200]}")
+
+
+def valid_text(text: str) -> str:
+    """`text` with each lone surrogate replaced by U+FFFD: the agent's codec writes UTF-8,
+    and names read from the system (a process name of any bytes, decoded with
+    surrogateescape) or from an older journal (which escaped any string) may hold them."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
+    return text
 
 
 def ok(rid: Any, result: Any = None) -> dict[str, Any]:

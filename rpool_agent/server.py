@@ -29,13 +29,13 @@ from . import protocol
 from .allocator import Allocator
 from .connection import Connection, Limits
 from .errors import LimitExceeded, RpoolAgentError
+from .journal import lease_record
 from .listener import bind_socket, check_socket_dir
 from .monitor import Monitor
 from .pidwatch import PidWatch
 from .pool import Pool
 from .restore import restore_leases
 from .service import LeaseExtras, Pending, Service, uncount
-from .state import lease_record
 
 _RESOURCE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 

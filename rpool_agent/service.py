@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import calls, protocol
+from . import calls, codec, protocol
 from .allocator import Allocator
 from .args import resource_arg, timeout_arg
 from .connection import Connection, Limits
@@ -37,13 +37,13 @@ from .errors import (
     UnknownLease,
 )
 from .holders import Holder, LeaseExtras, process_starttime, process_uid
+from .journal import lease_record
 from .lease import Denied, Granted, Lease, Queued, Reaped, Released
 from .listener import peer_groups
 from .monitor import Monitor
 from .pidwatch import PidWatch
 from .pool import Pool
 from .requests import parse_request
-from .state import lease_record
 
 Owner = tuple[Any, ...]
 _DEFERRED = object()
@@ -429,7 +429,7 @@ class Service:
                 f"grant {lease.id} {_fmt_held(lease.held)} pid={holder.pid} "
                 f"uid={holder.uid}" + (f" label={lease.label!r}" if lease.label else "")
             )
-        reply = protocol.encode(protocol.ok(call_id, doc))
+        reply = codec.encode_frame(protocol.ok(call_id, doc))
         if self.state is not None:
             undo = functools.partial(self._unrecorded, lease.id, conn, call_id, reply)
             self.state.record_grant(lease.id, lease_record(lease, extras), undo)
@@ -452,7 +452,7 @@ class Service:
                 "the agent could not record the lease (its state dir cannot be written): "
                 "nothing was granted"
             )
-            conn.replace_frame(reply, protocol.encode(protocol.error(call_id, why)))
+            conn.replace_frame(reply, codec.encode_frame(protocol.error(call_id, why)))
         self.dispatch(self.allocator.release(lease.owner, lease_id, now=time.monotonic()))
 
     def _refuse_grant(self, conn: Connection | None, call_id: Any, lease: Lease, why: str) -> None:

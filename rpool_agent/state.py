@@ -1,14 +1,9 @@
-"""The lease journal: its format, how it is read, and the writer the server records into.
+"""The lease journal's writer, the one the server records into (journal.py: its format).
 
 What the file must survive is the agent's own death (SIGKILL, a crash, an upgrade). A
 `write()` that returned is in the page cache, where the next agent reads it whatever
 happened to the writer, so nothing here fsyncs: a kernel crash or a power loss also kills
 every lease holder, and the header's boot id makes the next agent drop the old leases.
-
-Each line is one framed record: `JSON<TAB>LENGTH:CRC32\\n`, the length and the CRC-32
-(hex) being those of the JSON bytes. The trailer is read from the end of the line, so a
-record survives whatever precedes it on its line (a torn record, zeros, garbage), and a
-record that is itself damaged loses only itself (`read_journal`).
 
 Ordering, the one rule: nothing a client is told may be ahead of the file. The server
 records a change (`record_grant`, `record_end`) before it answers; at the end of the loop
@@ -26,17 +21,14 @@ Restoring the leases (re-adopting live holders) is `restore.py`'s job, not this 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import time
-import zlib
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .drains import DrainStore
-from .errors import ConfigError, RpoolAgentError
+from .errors import ConfigError
+from .journal import StateCorrupt, boot_id, frame, header_record, read_journal
 from .statedir import (
     exists,
     lock_dir,
@@ -48,8 +40,6 @@ from .statedir import (
     write_new_file,
 )
 
-FORMAT = "rpool-agent-state"
-VERSION = 2
 FILE_NAME = "leases.jsonl"
 LOCK_NAME = "lock"
 #: An admin creates this file in the state dir to start with no leases (`docs/durability.md`).
@@ -64,189 +54,6 @@ INLINE_SNAPSHOT_BYTES = 128 << 10
 COMPACT_SLACK = 2048
 
 _TMP_PREFIX = f".{FILE_NAME}."
-_dumps = json.JSONEncoder(separators=(",", ":")).encode  # ASCII: any str is writable
-
-
-class StateCorrupt(RpoolAgentError):
-    """The state file cannot be trusted as a whole."""
-
-
-def boot_id(path: str = "/proc/sys/kernel/random/boot_id") -> str | None:
-    try:
-        with open(path) as f:
-            return f.read().strip() or None
-    except OSError:
-        return None
-
-
-# --- the format ---------------------------------------------------------------------------
-
-
-def frame(obj: Any) -> bytes:
-    """One journal line: the JSON, a tab, its length and CRC-32, a newline."""
-    data = _dumps(obj).encode()
-    return b"%s\t%d:%08x\n" % (data, len(data), zlib.crc32(data))
-
-
-def unframe(line: bytes) -> tuple[bytes, int]:
-    """(the record's JSON in one framed line without its newline, where the record
-    starts: 0 unless bytes that are not part of it precede it); ValueError if damaged."""
-    tab = line.rfind(b"\t")
-    if tab < 0:
-        raise ValueError("no frame trailer")
-    length, _, crc = line[tab + 1 :].partition(b":")
-    n = int(length)
-    data = line[tab - n : tab]
-    if n <= 0 or len(data) != n or len(crc) != 8 or int(crc, 16) != zlib.crc32(data):
-        raise ValueError("checksum mismatch")
-    return data, tab - n
-
-
-def lease_record(lease: Any, extras: Any) -> dict[str, Any]:
-    """What the file keeps per lease: the allocator's record, the current holder (pid,
-    start time, uid, gid), the secret token and the per-lease files."""
-    rec = lease.to_dict()
-    rec["holder"] = extras.holder.to_dict()
-    rec["token"] = extras.token
-    if extras.files is not None:
-        rec["files"] = asdict(extras.files)
-    return rec
-
-
-def header_record() -> dict[str, Any]:
-    return {
-        "format": FORMAT,
-        "version": VERSION,
-        "boot_id": boot_id(),
-        "agent_pid": os.getpid(),
-        "written": time.time(),
-    }
-
-
-@dataclass
-class Journal:
-    """What a journal says: its header (None if lost), the live lease records in grant
-    order, and the 1-based numbers of the lines that could not be used."""
-
-    header: dict[str, Any] | None
-    leases: dict[str, dict[str, Any]] = field(default_factory=dict)
-    lines: dict[str, bytes] = field(default_factory=dict)  # each live lease's framed line
-    damaged: list[int] = field(default_factory=list)
-    records: int = 0  # intact records, the header included
-
-
-def read_journal(data: bytes) -> Journal:
-    """Replay a journal's bytes. Pure: the tests check files with it too.
-
-    A line that is not an intact record of the right shape is noted in `damaged` and
-    skipped; every other record counts. What follows the last newline is a write cut
-    short (never acknowledged: replies leave after the write returns) and is ignored.
-    Raises StateCorrupt only for a file from a format this agent cannot read.
-    """
-    lines = data.split(b"\n")[:-1]
-    legacy = False
-    if lines and lines[0].endswith(b"}"):  # version 1 had no frames
-        with contextlib.suppress(ValueError):
-            first = json.loads(lines[0])
-            legacy = isinstance(first, dict) and first.get("version") == 1
-    out = Journal(header=None)
-    found: list[tuple[int, bytes, int]] = []  # (line number, line, where its record starts)
-    texts: list[bytes] = []
-    for n, raw in enumerate(lines, 1):
-        try:
-            text, start = (raw, 0) if legacy else unframe(raw)
-        except ValueError:
-            out.damaged.append(n)
-            continue
-        found.append((n, raw, start))
-        texts.append(text)
-    for (n, raw, start), entry in zip(found, _decode_all(texts, legacy), strict=True):
-        if start:  # what is left of a damaged record, then an intact one
-            out.damaged.append(n)
-        if isinstance(entry, dict) and entry.get("format") == FORMAT:
-            if entry.get("version") not in (1, VERSION):
-                raise StateCorrupt(f"state format version {entry.get('version')!r}")
-            out.header = entry
-            out.records += 1
-        elif _apply(entry, frame(entry) if legacy else raw[start:] + b"\n", out):
-            out.records += 1
-        elif not start:
-            out.damaged.append(n)
-    out.damaged.sort()
-    return out
-
-
-def _decode_all(texts: list[bytes], legacy: bool) -> list[Any]:
-    """The records' objects, decoded in one pass (each passed its checksum), else one by
-    one (`_BAD` for a text that is no JSON: version 1 had no checksums)."""
-    if not legacy:
-        with contextlib.suppress(ValueError):
-            entries = json.loads(b"[" + b",".join(texts) + b"]")
-            if len(entries) == len(texts):
-                return entries
-    return [_loads(t) for t in texts]
-
-
-def _loads(text: bytes) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return _BAD
-
-
-_BAD = object()
-
-
-def _apply(entry: Any, line: bytes, out: Journal) -> bool:
-    """Replay one `grant` or `end` entry; False for a wrong shape."""
-    if not isinstance(entry, dict) or len(entry) != 1:
-        return False
-    if "end" in entry:
-        lid = entry["end"]
-        if not isinstance(lid, str):
-            return False
-        out.leases.pop(lid, None)
-        out.lines.pop(lid, None)
-        return True
-    rec = entry.get("grant")
-    if not check_record(rec):
-        return False
-    lid = rec["id"]
-    out.leases.pop(lid, None)  # a re-grant moves to the end: keeps grant order
-    out.leases[lid] = rec
-    out.lines.pop(lid, None)
-    out.lines[lid] = line
-    return True
-
-
-def check_record(rec: Any) -> bool:
-    """Whether a grant record has the journal's own fields (id, holder, token, files) of
-    the right types. The allocator's part is checked once, when the lease is re-adopted
-    (`Lease.from_dict`, which says what is wrong). (`type(x) is int` excludes bools.)"""
-    if type(rec) is not dict:
-        return False
-    h, files = rec.get("holder"), rec.get("files")
-    return bool(
-        type(rec.get("id")) is str
-        and rec["id"]
-        and type(h) is dict
-        and type(h.get("pid")) is int
-        and type(h.get("uid")) is int
-        and type(h.get("gid")) is int
-        and (h.get("starttime") is None or type(h["starttime"]) is int)
-        and type(rec.get("token")) is str
-        and rec["token"]
-        and (files is None or (type(files) is dict and all(type(v) is str for v in files.values())))
-    )
-
-
-def load_records(
-    path: str | os.PathLike[str],
-) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
-    """(header, {lease id: grant record}) of a journal file (for tests and tools)."""
-    with open(path, "rb") as f:
-        j = read_journal(f.read())
-    return j.header, j.leases
 
 
 # --- the writer ---------------------------------------------------------------------------

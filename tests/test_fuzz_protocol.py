@@ -25,7 +25,7 @@ from agent_fixture import Agent, gpu_pool, running_agent, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rpool_agent import calls, protocol
+from rpool_agent import calls, codec, protocol
 from rpool_agent.errors import MessageTooLarge, RpoolAgentError, _all_error_classes
 from rpool_agent.requests import parse_request
 
@@ -195,7 +195,7 @@ def check_frame(frame: Any) -> None:
     except RpoolAgentError as exc:
         assert exc.code in CODES
         reply = protocol.error(calls.request_id_of(exc), exc)
-    [back] = protocol.FrameDecoder(1 << 20).feed(protocol.encode(reply))
+    [back] = protocol.FrameDecoder(1 << 20, codec.decode_frame).feed(codec.encode_frame(reply))
     assert isinstance(back, dict) and back["id"] == reply["id"]
 
 
@@ -216,12 +216,12 @@ def test_codec_never_raises_anything_but_its_own_errors() -> None:
         frames = make_frames(recipe)
         data = b"".join(frames)
         bounds = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
-        decoder = protocol.FrameDecoder(limit)
+        decoder = protocol.FrameDecoder(limit, codec.decode_frame)  # as the agent reads
         for lo, hi in itertools.pairwise(bounds):
             try:
                 out = decoder.feed(data[lo:hi])
             except MessageTooLarge:
-                decoder = protocol.FrameDecoder(limit)  # the caller closes; start over
+                decoder = protocol.FrameDecoder(limit, codec.decode_frame)  # the caller closes
                 continue
             assert decoder.pending <= limit
             for f in out:

@@ -24,16 +24,8 @@ from test_state import grant, header, held, write_state
 from rpool_agent import state as state_mod
 from rpool_agent.errors import ConfigError, ResourceUnavailable
 from rpool_agent.holders import process_starttime
-from rpool_agent.state import (
-    FILE_NAME,
-    FORGET_NAME,
-    StateCorrupt,
-    StateStore,
-    boot_id,
-    frame,
-    load_records,
-    read_journal,
-)
+from rpool_agent.journal import StateCorrupt, boot_id, frame, load_records, read_journal
+from rpool_agent.state import FILE_NAME, FORGET_NAME, StateStore
 
 ME = os.getpid()
 

@@ -10,38 +10,63 @@ from typing import Any
 
 import pytest
 
-from rpool_agent import calls, protocol
+from rpool_agent import calls, codec, protocol
 from rpool_agent.errors import MessageTooLarge, ProtocolError, UnknownOperation, VersionMismatch
 
 BAD = ProtocolError
 
 
+LONE_SURROGATE = b'{"a":"\\ud800"}\n'
+DECODE_CASES = [
+    (b'{"a":1}\n', {"a": 1}),
+    (b'{"a":1}', {"a": 1}),
+    (b' {"a":1}\r\n', {"a": 1}),  # JSON whitespace around the value
+    (b'{"a":1.5}\n', {"a": 1.5}),
+    (b'"s"\n', "s"),  # an object is parse_call's business, not the decoder's
+    (b"12 \n", 12),
+    (b'{"a":"\\ud83d\\ude00"}\n', {"a": "\U0001f600"}),  # an escaped pair is one character
+    (b'{"a":1} x\n', BAD),
+    (b'{"a":1}{}\n', BAD),
+    (b'{"a":NaN}\n', BAD),
+    (b'{"a":1e999}\n', BAD),  # overflows to inf
+    (b"\xff{}\n", BAD),
+    (b"[" * 5000 + b"\n", BAD),  # nested too deeply
+    (b"", BAD),
+    (b"\n", BAD),
+]
+
+
 @pytest.mark.parametrize(
-    ("line", "expected"),
+    ("decode", "lone_surrogate"),
     [
-        (b'{"a":1}\n', {"a": 1}),
-        (b'{"a":1}', {"a": 1}),
-        (b' {"a":1}\r\n', {"a": 1}),  # JSON whitespace around the value
-        (b'{"a":1.5}\n', {"a": 1.5}),
-        (b'"s"\n', "s"),  # an object is parse_call's business, not the decoder's
-        (b"12 \n", 12),
-        (b'{"a":"\\ud800"}\n', {"a": "\ud800"}),  # a lone surrogate is valid JSON
-        (b'{"a":1} x\n', BAD),
-        (b'{"a":1}{}\n', BAD),
-        (b'{"a":NaN}\n', BAD),
-        (b'{"a":1e999}\n', BAD),  # overflows to inf
-        (b"\xff{}\n", BAD),
-        (b"[" * 5000 + b"\n", BAD),  # nested too deeply
-        (b"", BAD),
-        (b"\n", BAD),
+        # the client's decoder (the stdlib's json): a lone surrogate is valid JSON to it
+        pytest.param(protocol.decode_frame, {"a": "\ud800"}, id="client"),
+        # the agent's codec: the same answers, and a lone surrogate, no text, is malformed
+        pytest.param(codec.decode_frame, BAD, id="agent"),
     ],
 )
-def test_decode_frame(line: bytes, expected: Any) -> None:
-    got = protocol.decode_frame(line)
+@pytest.mark.parametrize(("line", "expected"), [*DECODE_CASES, (LONE_SURROGATE, None)])
+def test_decode_frame(line: bytes, expected: Any, decode: Any, lone_surrogate: Any) -> None:
+    expected = lone_surrogate if line is LONE_SURROGATE else expected
+    got = decode(line)
     if expected is BAD:
         assert isinstance(got, ProtocolError) and str(got).startswith("malformed message: ")
     else:
         assert got == expected and type(got) is type(expected)
+
+
+@pytest.mark.parametrize("label", ["plain", "é\u2603", "\U0001f600", 'q"\n\\'])
+def test_the_agents_encode_writes_one_utf8_line_the_client_reads_back(label: str) -> None:
+    message = protocol.ok(7, {"label": label, "n": 10**30, "f": 0.1})
+    data = codec.encode_frame(message)
+    assert data.endswith(b"\n") and data.count(b"\n") == 1
+    assert protocol.FrameDecoder().feed(data) == [message]  # the client: stdlib json
+    assert protocol.FrameDecoder(decode=codec.decode_frame).feed(data) == [message]
+
+
+def test_valid_text_replaces_lone_surrogates_only() -> None:
+    assert protocol.valid_text("sl\udcffeep \ud800") == "sl\ufffdeep \ufffd"
+    assert protocol.valid_text("é\U0001f600") == "é\U0001f600"
 
 
 def test_frames_split_and_joined_across_reads() -> None:

@@ -254,15 +254,20 @@ def test_hostile_messages_get_errors_and_the_server_keeps_serving(
         assert agent.proc.poll() is None
 
 
-def test_a_token_utf8_cannot_hold_still_reclaims_its_lease(tmp_path: Path) -> None:
-    """JSON lets a client choose a token with a lone surrogate; comparing it once raised
-    (an internal error), so such a lease could never be re-claimed."""
+def test_a_lone_surrogate_is_malformed_and_a_surrogate_pair_is_text(tmp_path: Path) -> None:
+    """JSON can escape a lone surrogate ("\\ud800"), which is no text: the agent's codec
+    refuses the call as malformed (once it was taken, and a token holding one could never
+    be compared). An escaped pair is one character and works end to end."""
     odd = "t" * 15 + "\ud800"  # json.dumps sends it as the escape "\\ud800"
+    emoji = "t" * 15 + "\U0001f600"  # json.dumps sends "\\ud83d\\ude00"
     with running_agent(tmp_path) as agent:
         a, b = Conn(agent.socket), Conn(agent.socket)
-        got = a.call({"id": 1, "op": "acquire", "request": {"gpus": 1}, "token": odd})
+        refused = a.call({"id": 1, "op": "acquire", "request": {"gpus": 1}, "token": odd})
+        assert refused["ok"] is False
+        assert refused["error"]["code"] == "malformed"
+        got = a.call({"id": 2, "op": "acquire", "request": {"gpus": 1}, "token": emoji})
         lid = got["result"]["id"]
-        moved = b.call({"id": 2, "op": "reclaim", "lease": lid, "token": odd})
+        moved = b.call({"id": 3, "op": "reclaim", "lease": lid, "token": emoji})
         assert moved["ok"], moved
         assert moved["result"]["id"] == lid
         a.close()

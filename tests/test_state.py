@@ -13,20 +13,17 @@ import resource
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
 import pytest
 from agent_fixture import answer_within, gpu_pool, running_agent, wait_until
 
-from rpool_agent.errors import NotRecorded
+from rpool_agent.errors import NotRecorded, RpoolAgentError
 from rpool_agent.holders import process_starttime
-from rpool_agent.state import (
-    FILE_NAME,
-    boot_id,
-    frame,
-    load_records,
-)
+from rpool_agent.journal import boot_id, frame, load_records, unframe
+from rpool_agent.state import FILE_NAME
 
 PY = sys.executable
 
@@ -93,24 +90,32 @@ def test_state_is_private_and_records_every_grant_and_release(tmp_path: Path) ->
         assert (state / FILE_NAME).stat().st_mode & 0o777 == 0o600
 
 
-def test_a_label_utf8_cannot_hold_is_journaled_escaped_and_survives_a_restart(
+def test_a_lone_surrogate_label_from_an_older_agent_is_restored_as_text(
     tmp_path: Path,
 ) -> None:
-    """JSON lets a client send a lone surrogate ("\\ud800"), which UTF-8 cannot encode.
-    It once jammed the journal: that write failed, and every reply queued behind it."""
-    odd = "odd \ud800 label"
+    """JSON lets a client send a lone surrogate ("\\ud800"), which is no text. Agents
+    before codec.py took it and journalled it escaped; this one refuses it as malformed.
+    A journal an older agent wrote still restores: the label comes back with U+FFFD in
+    place of the surrogate, `status` answers, and compaction rewrites the journal."""
     with running_agent(tmp_path) as agent:
         c = agent.client().connect()
-        lease = c.acquire(gpus=1, label=odd)
-        other = c.acquire(gpus=1, label="plain")  # the journal still takes lines
-        state = tmp_path / "agent-state" / FILE_NAME
-        assert load_records(state)[1][lease.id]["label"] == odd
-        assert b"\\ud800" in state.read_bytes()
+        with pytest.raises(RpoolAgentError, match="malformed"):
+            c.call("acquire", request={"gpus": 1}, label="odd \ud800 label")
+        lease = c.acquire(gpus=1, label="odd SURROGATE label")
+        other = c.acquire(gpus=1, label="plain")
         assert agent.stop() == 0
+        state = tmp_path / "agent-state" / FILE_NAME
+        lines = []
+        for line in state.read_bytes().splitlines():  # as the older agent wrote it
+            text = unframe(line)[0].replace(b"SURROGATE", b"\\ud800")
+            lines.append(b"%s\t%d:%08x\n" % (text, len(text), zlib.crc32(text)))
+        state.write_bytes(b"".join(lines))
+        assert load_records(state)[1][lease.id]["label"] == "odd \ufffd label"
         agent.restart()  # re-adopts both, compacting the journal (the other writer)
         labels = {le["id"]: le["label"] for le in agent.status()["leases"]}
-        assert labels == {lease.id: odd, other.id: "plain"}
-        assert load_records(state)[1][lease.id]["label"] == odd
+        assert labels == {lease.id: "odd \ufffd label", other.id: "plain"}
+        c.release(other.id)
+        assert set(load_records(state)[1]) == {lease.id}
         c.close()
 
 

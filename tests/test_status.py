@@ -210,3 +210,30 @@ def test_a_holder_is_named_by_its_command_after_it_execs() -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_holder_named_with_bytes_that_are_no_text_is_named_with_u_fffd(tmp_path: Path) -> None:
+    """A process may give itself any bytes for a name (here: `sleep` copied to a file
+    named with byte 0xff). psutil decodes such a name with surrogateescape; the agent's
+    codec writes UTF-8 only, so the name is made valid where it is read, and `status`,
+    which every user asks, still answers for everyone. The label `run` makes of that
+    command is made valid by the client: the agent refuses a lone surrogate."""
+    odd = os.path.join(os.fsencode(tmp_path), b"sl\xffeep")
+    with open("/bin/sleep", "rb") as src, open(odd, "wb") as dst:
+        dst.write(src.read())
+    os.chmod(odd, 0o755)
+    with running_agent(tmp_path) as agent:
+        holder = subprocess.Popen(
+            [*(os.fsencode(a) for a in RPOOL), b"run", b"--gpus", b"1", b"--", odd, b"60"],
+            env=agent.env,
+        )
+        try:
+            wait_until(lambda: len(agent.status()["leases"]) == 1)
+            wait_until(lambda: agent.status()["leases"][0]["holder"]["command"] != "rpool-agent")
+            (lease,) = agent.status()["leases"]
+            assert lease["holder"]["pid"] == holder.pid
+            assert lease["holder"]["command"] == "sl\ufffdeep"
+            assert lease["label"].endswith("/sl\ufffdeep' 60")  # shlex quoted it
+        finally:
+            holder.kill()
+            holder.wait()
