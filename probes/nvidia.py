@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
-from .gpu_report import Gpu, GpuReport, MigDevice
+from .gpu_report import GpuReport
 from .sysfs import Root, as_root, parse_cpulist, parse_cpumask
 
 TYPE_CHECKING = False  # not typing's: `detect` does not import typing
@@ -27,7 +27,9 @@ if TYPE_CHECKING:
     from types import ModuleType
     from typing import Any
 
-__all__ = ["Gpu", "GpuReport", "MigDevice", "normalize_bus_id", "probe_gpus"]
+    from .gpu import Gpu, MigDevice
+
+__all__ = ["GpuReport", "normalize_bus_id", "probe_gpus"]
 
 LIBRARY = "libnvidia-ml.so.1"
 PROC_GPUS = "proc/driver/nvidia/gpus"
@@ -205,6 +207,8 @@ def _pci_bus_id(pci: Any) -> str | None:
 
 
 def _read_migs(nv: _Nvml, handle: Any) -> tuple[MigDevice, ...]:
+    from .gpu import MigDevice
+
     out: list[MigDevice] = []
     for slot in range(nv.get("nvmlDeviceGetMaxMigDeviceCount", handle) or 0):
         mig = nv.get("nvmlDeviceGetMigDeviceHandleByIndex", handle, slot)
@@ -255,6 +259,8 @@ def _read_gpu(nv: _Nvml, index: int, root: Root, words: int) -> Gpu | None:
     # A GPU that cannot do MIG (NotSupported) runs with MIG off; other errors: unknown.
     mode = nv.get("nvmlDeviceGetMigMode", handle, not_supported=(0, 0))
     mig_enabled = None if mode is None else mode[0] == NVML_DEVICE_MIG_ENABLE
+    from .gpu import Gpu  # here, not at the top: only where a GPU is found (gpu.py)
+
     gpu = Gpu(
         index=index,
         uuid=uuid,
@@ -373,6 +379,8 @@ def _read_procfs(root: Root) -> tuple[Gpu, ...]:
             continue
         uuid = info.get("GPU UUID", "")
         minor = info.get("Device Minor", "")
+        from .gpu import Gpu
+
         gpu = Gpu(
             index=-1,
             uuid="" if "?" in uuid else uuid,  # "GPU-????????-..." until the GPU is initialised

@@ -25,7 +25,7 @@ from dataclasses import replace
 
 TYPE_CHECKING = False  # not typing's: `detect` does not import typing
 if TYPE_CHECKING:
-    from .gpu_report import Gpu, MigDevice
+    from .gpu import Gpu, MigDevice
 
 PCI_BUS_ID = "PCI_BUS_ID"
 

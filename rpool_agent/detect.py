@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from typing import Any
 
     from .probes.cpu import CpuTopology
-    from .probes.gpu_report import Gpu, GpuReport, MigDevice
+    from .probes.gpu import Gpu, MigDevice
+    from .probes.gpu_report import GpuReport
     from .probes.numa import NumaTopology
     from .probes.sysfs import Root
 

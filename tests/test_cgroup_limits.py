@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 from rpool_agent.probes import cpu
-from rpool_agent.probes.nvidia import Gpu, GpuReport
+from rpool_agent.probes.gpu import Gpu
+from rpool_agent.probes.nvidia import GpuReport
 from rpool_agent.probes.sysfs import parse_cpulist
 
 from rpool_agent.detect import detect_pool, topology_report

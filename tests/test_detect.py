@@ -15,7 +15,8 @@ from typing import Any
 
 import nvml_fixture as nf
 import pytest
-from rpool_agent.probes.nvidia import Gpu, GpuReport, MigDevice
+from rpool_agent.probes.gpu import Gpu, MigDevice
+from rpool_agent.probes.nvidia import GpuReport
 
 from rpool_agent.detect import detect_pool, topology_report
 from rpool_agent.errors import ConfigError, ProbeError

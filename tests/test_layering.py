@@ -341,3 +341,20 @@ def test_detect_command_imports_none_of_the_slow_modules(
         if args is argv and "pynvml" in imported:
             continue  # NVML answered here: pynvml brings ctypes and more, rightly
         assert not set(DETECT_NEVER) & imported, set(DETECT_NEVER) & imported
+        # No GPU found: the pool forms never define the GPU records; the JSON report
+        # converts through their module (gpu.as_dict), so it loads them.
+        if form != "json" and (args is tree or not Path("/proc/driver/nvidia/gpus").exists()):
+            assert GPU_RECORDS not in imported
+
+
+#: The GPU records (probes/gpu.py): loaded only by a probe that finds a GPU.
+GPU_RECORDS = "rpool_agent.probes.gpu"
+
+
+def test_a_probe_that_finds_gpus_loads_the_gpu_records(trees: Path) -> None:
+    """The other side of the check above, so that it cannot pass by a renamed module."""
+    mods = loaded_modules(
+        "from rpool_agent.probes.nvidia import probe_gpus\n"
+        f"assert probe_gpus({str(trees / 'gpu-procfs-4')!r}).gpus"
+    )
+    assert GPU_RECORDS in mods

@@ -15,7 +15,8 @@ from pathlib import Path
 import nvml_fixture as nf
 import pytest
 from agent_fixture import wait_for_socket
-from rpool_agent.probes.nvidia import Gpu, MigDevice, probe_gpus
+from rpool_agent.probes.gpu import Gpu, MigDevice
+from rpool_agent.probes.nvidia import probe_gpus
 from rpool_agent.probes.visible import restrict
 
 from rpool_agent.formats import parse_text
