@@ -169,10 +169,11 @@ def acquire_for_script(
 
 
 def _wait_report(client: Any, wanted: Any, quiet: bool, holder_pid: int | None = None) -> Any:
-    """A WaitReport for this acquire (a context that erases its line), or a null context."""
-    import contextlib
-
+    """A WaitReport for this acquire (a context that erases its line), or a null context.
+    contextlib only for `--quiet`: `run` imports nothing it does not use (test_run_cli.py)."""
     if quiet:
+        import contextlib
+
         return contextlib.nullcontext(None)
     from .waiting import WaitReport
 

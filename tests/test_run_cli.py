@@ -73,20 +73,48 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Any:
         yield agent
 
 
-def test_run_imports_no_typer_click_asyncio_or_typing(agent: Agent) -> None:
-    """Each costs `run` milliseconds against a 3x `python -c pass` budget (bench/run.py)."""
-    # -X importtime lists every import the run process made before it exec'd the command
-    cmd = [sys.executable, "-X", "importtime", *RUN[1:], "--gpus", "1", "--", "true"]
+# `run` as its console script starts it, logging each module it imports (an `import`
+# statement run, of a module loaded already too: an editable install's finder loads some
+# at start-up) and each module that gets loaded, until it execs the command.
+_SPY = """
+import builtins, sys
+log, real = open(sys.argv.pop(1), "w", buffering=1), builtins.__import__
+def spy(name, globals=None, locals=None, fromlist=(), level=0):
+    if level == 0:
+        log.write(name + "\\n")
+    before = set(sys.modules)
+    module = real(name, globals, locals, fromlist, level)
+    log.writelines(m + "\\n" for m in set(sys.modules) - before)
+    return module
+builtins.__import__ = spy
+sys.argv[0] = "rpool-agent"
+from rpool_agent.cli import main
+main()
+"""
+
+
+def run_imports(agent: Agent, tmp_path: Path, *argv: str) -> set[str]:
+    log = tmp_path / "imports"
+    cmd = [sys.executable, "-c", _SPY, str(log), "run", *argv, "--", "true"]
     r = subprocess.run(cmd, env=agent.env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines()}
+    return set(log.read_text().split())
+
+
+def test_run_imports_nothing_it_does_not_use(agent: Agent, tmp_path: Path) -> None:
+    """Each costs `run` milliseconds against a 3x `python -c pass` budget (bench/run.py)."""
+    imported = run_imports(agent, tmp_path, "--gpus", "1")
     assert "rpool_agent.runner" in imported
+    # msgspec (the agent's codec) imports typing and more: the client decodes with json;
+    # contextlib is for --quiet only
     heavy = ("typer", "click", "asyncio", "shutil", "typing", "dataclasses", "inspect")
+    heavy += ("msgspec", "contextlib")
     assert not {m for m in imported if m.split(".")[0] in heavy}
     # the lease's value types, the pool model and the formats are for the lease files the
     # agent writes: run builds the environment from the grant document (handoff_env)
     ours = ("rpool_agent.pool", "rpool_agent.formats", "rpool_agent.handoff")
     assert not {m for m in imported if m in ours or m.startswith("rpool_agent.formats.")}
+    assert "contextlib" in run_imports(agent, tmp_path, "--gpus", "1", "--quiet")  # the spy sees
 
 
 def test_ctrl_c_while_waiting_is_a_quiet_130(agent: Agent) -> None:
