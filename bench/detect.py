@@ -5,7 +5,8 @@
 Runs both commands alternately in the same process (so both see the same machine load),
 reports medians and their ratio, the probe time inside one process (`detect_pool`, no
 interpreter start-up), and the start-up costs that sit under the command (bare Python,
-`import re`, `import argparse`, `import rpool_agent.cli`) so a miss can be placed. Writes the
+`import re`, `import argparse`, `import argparse, dataclasses`, `import rpool_agent.cli`)
+so a miss can be placed. Writes the
 numbers as JSON to bench/results/. Targets (2-core CI VM): probe < 10 ms, command <= 6x
 lstopo. A benchmark, not a test: nothing here fails a build.
 
@@ -154,6 +155,8 @@ def main() -> int:
         "python -c pass": [py, "-c", "pass"],
         "python -c 'import re' (pip's script does)": [py, "-c", "import re"],
         "python -c 'import argparse'": [py, "-c", "import argparse"],
+        # the floor under any dataclass-typed probe: the value types' module imports inspect
+        "python -c 'import argparse, dataclasses'": [py, "-c", "import argparse, dataclasses"],
         "python -c 'import rpool_agent.cli'": [py, "-c", "import rpool_agent.cli"],
         "same work without the CLI (python -c)": [py, "-c", NO_CLI.format(sysroot)],
     }

@@ -5,10 +5,11 @@
 `run` sits in front of every command a harness leases for, so its start-up counts; the
 target (2-core CI VM) is <= 3x a bare interpreter's start. A private agent serves a
 hand-written pool (8 GPUs, this process's CPUs) on a socket in a temporary directory;
-each `run` leases, execs `true`, and the lease ends with it. The commands run
-alternately in one loop, so load spikes hit all of them; medians and ratios are printed
-and written as JSON to bench/results/. A benchmark, not a test: nothing here fails a
-build.
+each `run` leases, execs `true`, and the lease ends with it. `import argparse, json,
+signal, socket` is the floor under it: what `run` must import before it does anything.
+The commands run alternately in one loop, so load spikes hit all of them; medians and
+ratios are printed and written as JSON to bench/results/. A benchmark, not a test:
+nothing here fails a build.
 
 As with bench/detect.py, point `--python` at a clean venv with a non-editable install
 (`pip install .`): an editable install's finder adds start-up time that is not ours.
@@ -33,6 +34,7 @@ from detect import add_install_options, chosen_install, write_result  # bench/de
 
 HERE = Path(__file__).resolve().parent
 RATIO_TARGET = 3.0
+FLOOR = "python -c 'import argparse, json, signal, socket'"
 # As in bench/detect.py: children run from "/" with bytecode caches allowed.
 CHILD_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
@@ -97,6 +99,9 @@ def main() -> int:
             "rpool-agent run --gpus 1 -- true": [*agent, "run", "--gpus", "1", "--", "true"],
             "rpool-agent run --cpus 1 -- true": [*agent, "run", "--cpus", "1", "--", "true"],
             "python -c 'import rpool_agent.cli'": [py, "-c", "import rpool_agent.cli"],
+            # the floor under any argparse CLI that speaks JSON lines on a Unix socket and
+            # hands signals back before an exec, before it does any of it
+            FLOOR: [py, "-c", "import argparse, json, signal, socket"],
         }
         for script in args.against:
             commands[f"against: {script} run"] = [script, "run", "--gpus", "1", "--", "true"]
