@@ -29,6 +29,7 @@ DECODE_CASES = [
     (b'{"a":1}{}\n', BAD),
     (b'{"a":NaN}\n', BAD),
     (b'{"a":1e999}\n', BAD),  # overflows to inf
+    (b'{"a":' + b"9" * 5000 + b"}\n", BAD),  # past Python's 4,300-digit int limit
     (b"\xff{}\n", BAD),
     (b"[" * 5000 + b"\n", BAD),  # nested too deeply
     (b"", BAD),
