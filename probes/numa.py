@@ -16,6 +16,8 @@ NODE = "sys/devices/system/node"
 
 @dataclass(frozen=True, slots=True)
 class NumaNode:
+    """One NUMA node: its CPUs, its memory and its distance to every node."""
+
     id: int
     cpus: tuple[int, ...]  # may be empty (memory-only node)
     memory_bytes: int | None  # MemTotal; 0 for a CPU-only node, None if unreadable
@@ -24,6 +26,8 @@ class NumaNode:
 
 @dataclass(frozen=True, slots=True)
 class NumaTopology:
+    """What `probe_numa` found: every node, and whether sysfs said or it was made up."""
+
     nodes: tuple[NumaNode, ...]  # by node id
     source: str  # "sysfs", or "none" when the single node 0 was made up
 
