@@ -6,7 +6,9 @@
 target (2-core CI VM) is <= 3x a bare interpreter's start. A private agent serves a
 hand-written pool (8 GPUs, this process's CPUs) on a socket in a temporary directory;
 each `run` leases, execs `true`, and the lease ends with it. `import argparse, json,
-signal, socket` is the floor under it: what `run` must import before it does anything.
+signal, socket` is the floor under it: what `run` must import before it does anything;
+a stand-in that does only what `run` must (parse, `hello`, `acquire`, exec), written
+flat, is what this stack costs with the work.
 The commands run alternately in one loop, so load spikes hit all of them; medians and
 ratios are printed and written as JSON to bench/results/. A benchmark, not a test:
 nothing here fails a build.
@@ -35,6 +37,30 @@ from detect import add_install_options, chosen_install, write_result  # bench/de
 HERE = Path(__file__).resolve().parent
 RATIO_TARGET = 3.0
 FLOOR = "python -c 'import argparse, json, signal, socket'"
+STAND_IN = "stand-in: the same stack, nothing else (python -c)"
+# What `run --gpus 1 -- true` must do, written flat: an argparse parser with a `run`
+# subcommand, SIGINT handled, `hello` and `acquire` (with the lease files) as JSON lines,
+# SIGPIPE restored, exec. What this stack costs before any code of ours, to compare with.
+STAND_IN_CODE = """
+import argparse, json, os, shlex, signal, socket
+parser = argparse.ArgumentParser(prog="stand-in")
+run = parser.add_subparsers().add_parser("run")
+run.add_argument("--gpus", type=int, default=0)
+run.add_argument("cmd", nargs=argparse.REMAINDER)
+args = parser.parse_args(["run", "--gpus", "1", "--", "true"])
+signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+sock = socket.socket(socket.AF_UNIX)
+sock.connect(os.environ["RPOOL_AGENT_SOCKET"])
+replies = sock.makefile("rb")
+for call in ({"op": "hello", "version": 1, "client": "stand-in"},
+             {"op": "acquire", "request": {"gpus": args.gpus}, "files": True,
+              "label": shlex.join(args.cmd[1:])}):
+    sock.sendall(json.dumps({"id": 1, **call}).encode() + b"\\n")
+    assert json.loads(replies.readline())["ok"]
+os.set_inheritable(sock.fileno(), True)
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+os.execvp("true", ["true"])
+"""
 # As in bench/detect.py: children run from "/" with bytecode caches allowed.
 CHILD_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
@@ -102,6 +128,7 @@ def main() -> int:
             # the floor under any argparse CLI that speaks JSON lines on a Unix socket and
             # hands signals back before an exec, before it does any of it
             FLOOR: [py, "-c", "import argparse, json, signal, socket"],
+            STAND_IN: [py, "-c", STAND_IN_CODE],
         }
         for script in args.against:
             commands[f"against: {script} run"] = [script, "run", "--gpus", "1", "--", "true"]
