@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from typing import Any
 
@@ -44,6 +45,47 @@ class Monitor:
         self.metrics_file = metrics_file
         self.metrics_interval = metrics_interval
         self.audit_interval = audit_interval
+
+    def status_call(self, conn: Any, args: dict[str, Any]) -> dict[str, Any]:
+        """The reply to a client's `status` call (`args`: its `limit` and `all`).
+
+        The default page costs the same however much the agent holds; `all`, or a
+        `limit` over that page, costs what it holds (every lease and instance), and a
+        client may ask again and again while every other client waits for the loop. So
+        only the agent's owners may: root, the admin group, and the uid the agent runs
+        as (a per-user or private agent serves its own user everything). Any other
+        group member gets `permission_denied`, and the page stays open to all.
+        """
+        from .errors import RequestError
+        from .status_doc import DEFAULT_LIMIT
+
+        limit, whole = args.get("limit", -1), args.get("all", False)
+        if type(whole) is not bool:
+            raise RequestError("status: 'all' must be true or false")
+        if limit != -1 and (type(limit) is not int or not 0 <= limit <= 10**9):
+            raise RequestError("status: 'limit' must be a whole number >= 0")
+        if (whole or limit > DEFAULT_LIMIT) and not self._owner(conn):
+            from .errors import PermissionDenied
+
+            raise PermissionDenied(
+                f"status: every lease at once ('all', or a 'limit' over {DEFAULT_LIMIT}) is"
+                " for root, the agent's admin group and its own user; others may ask for"
+                f" a page of up to {DEFAULT_LIMIT} (the default)"
+            )
+        return self.status(limit=None if whole else limit)
+
+    def _owner(self, conn: Any) -> bool:
+        """Root, the agent's own uid, or a member of its admin group (by the groups the
+        kernel recorded at connect(), as for drain)."""
+        peer = conn.peer
+        if peer is None or peer.uid < 0:
+            return False
+        if peer.uid in (0, os.geteuid()):
+            return True
+        from .listener import peer_groups
+
+        admin = self.service.admin_gid
+        return admin is not None and admin in peer_groups(conn)
 
     def status(self, now: float | None = None, *, limit: int | None = -1) -> dict[str, Any]:
         """The `status` reply: the agent's state as the documented schema; `limit`: leases

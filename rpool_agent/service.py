@@ -262,13 +262,8 @@ class Service:
         raise NotOwner(f"lease {lease.id} belongs to another user")
 
     def op_status(self, conn: Connection, call: calls.Call) -> Any:
-        limit, whole = call.args.get("limit", -1), call.args.get("all", False)
-        if type(whole) is not bool:
-            raise RequestError("status: 'all' must be true or false")
-        if limit != -1 and (type(limit) is not int or not 0 <= limit <= 10**9):
-            raise RequestError("status: 'limit' must be a whole number >= 0")
-        # the documented schema: status_doc.py; a bounded page unless `all`
-        return self.monitor.status(limit=None if whole else limit)
+        # the documented schema: status_doc.py; everything only for the agent's owners
+        return self.monitor.status_call(conn, call.args)
 
     def op_pool(self, conn: Connection, call: calls.Call) -> Any:
         fmt = call.args.get("format")
