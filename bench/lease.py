@@ -1,6 +1,7 @@
 """Lease server throughput, latency and reaping, against stdlib echo servers in the same run.
 
-    python bench/lease.py [--seconds 1] [--rounds 5] [--clients 1,8,64] [--json FILE]
+    python bench/lease.py [--seconds 1] [--rounds 5] [--clients 1,8,64] [--busy N]
+                          [--json FILE]
 
 For 1, 8 and 64 concurrent client PROCESSES it measures:
 - the agent: acquire+release cycles/s and p50/p99 acquire latency (raw socket clients
@@ -20,6 +21,12 @@ Interleaved, because this VM is noisy: one set of client processes per level sta
 connected to every server, and each round runs every server for `--seconds`, in an order
 rotated from round to round. Each ratio is taken within a round (agent and echo measured
 seconds apart) and the table shows the median over rounds, with the range.
+
+A busy machine (`--busy N`): N CPU-burning processes (`python -c 'while True: pass'`, at
+the default nice level, as a neighbour's build would be) run from before the first round
+to after the reaping, so the agent and the echo servers meet the same load, still
+interleaved. The table's header and the JSON (`busy`, load averages before and after)
+say how the machine was loaded; on this 2-core VM `--busy 2` keeps both cores busy.
 
 Reaping: a holder process with a GPU is SIGKILLed while another client waits for that GPU;
 we time kill -> grant (median of many), next to the floor: kill -> EOF seen by a plain
@@ -385,6 +392,14 @@ def reap_latency(agent_sock: str, echo_proc: subprocess.Popen[str], echo_sock: s
     return statistics.median(grants) * 1000, statistics.median(floors) * 1000
 
 
+BURN = "while True: pass"
+
+
+def start_burners(n: int) -> list[subprocess.Popen[bytes]]:
+    """`n` processes that keep a core busy each until killed (`--busy`)."""
+    return [subprocess.Popen([PY, "-c", BURN], stdin=subprocess.DEVNULL) for _ in range(n)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=1.0, help="per server, per round")
@@ -398,12 +413,21 @@ def main() -> None:
         default=None,
         help="the agent's RPOOL_AGENT_COMPACT_SLACK (default: its own, 2048 records)",
     )
+    ap.add_argument(
+        "--busy",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run N CPU-burning processes (python busy loops, default nice) throughout",
+    )
     a = ap.parse_args()
     levels = [int(x) for x in a.clients.split(",")]
     results: dict[str, Any] = {
         "seconds": a.seconds,
         "rounds": a.rounds,
         "compact_slack": a.compact_slack,
+        "busy": {"burners": a.busy, "how": f"python -c {BURN!r}, default nice"},
+        "cpus": os.cpu_count(),
         "load_before": os.getloadavg(),
         "levels": {},
         "per_round": {},
@@ -412,6 +436,7 @@ def main() -> None:
         servers = {"agent": start_agent(tmp, compact_slack=a.compact_slack)}
         for kind in ("epoll", "protocol", "json", "streams"):
             servers[f"echo-{kind}"] = start_echo(kind, tmp)
+        burners = start_burners(a.busy)
         try:
             paths = {name: sock for name, (_, sock) in servers.items()}
             for n in levels:
@@ -429,8 +454,9 @@ def main() -> None:
                     "kill_to_grant_median_ms": grant_ms,
                     "kill_to_eof_floor_ms": floor_ms,
                 }
+            results["load_after"] = os.getloadavg()
         finally:
-            for p, _ in servers.values():
+            for p in [*burners, *(p for p, _ in servers.values())]:
                 p.kill()
                 p.wait()
     print_table(results)
@@ -445,8 +471,14 @@ def print_table(r: dict[str, Any]) -> None:
     (targets: cycle <= 2.5x two JSON-echo round trips, p99 acquire at 64 clients <= 2x the
     JSON echo's p99)."""
     load = ", ".join(f"{x:.1f}" for x in r["load_before"])
+    after = ", ".join(f"{x:.1f}" for x in r.get("load_after", ()))
     print(f"{r['rounds']} rounds of {r['seconds']:g} s per server; medians over rounds")
-    print(f"load average before the run: {load}\n")
+    busy = r["busy"]["burners"]
+    if busy:
+        print(f"busy: {busy} CPU-burning processes ({r['busy']['how']}) on {r['cpus']} cpus")
+    else:
+        print(f"busy: no added load ({r['cpus']} cpus)")
+    print(f"load average before the run: {load}; after: {after}\n")
     print(f"{'clients':>7} {'server':<15} {'ops/s':>9} {'p50 ms':>8} {'p99 ms':>8}   notes")
     for n, row in r["levels"].items():
         for name, m in row.items():
