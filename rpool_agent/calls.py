@@ -43,10 +43,12 @@ def parse_call(frame: Any) -> Call:
     allowed = OPERATIONS.get(op)
     if allowed is None:
         raise _tagged(UnknownOperation(f"unknown operation {op[:40]!r}"), rid)
-    args = {k: v for k, v in frame.items() if k not in ("id", "op")}
-    extra = sorted(set(args) - allowed)
-    if extra:
-        raise _tagged(ProtocolError(f"{op}: unexpected field {extra[0][:40]!r}"), rid)
+    args = frame.copy()
+    del args["op"]
+    args.pop("id", None)
+    if not args.keys() <= allowed:
+        extra = min(args.keys() - allowed)
+        raise _tagged(ProtocolError(f"{op}: unexpected field {extra[:40]!r}"), rid)
     if op == "hello":
         version = args.get("version")
         if version != PROTOCOL_VERSION:
