@@ -32,7 +32,7 @@ _Reader = Callable[[Root, str], "tuple[int, int, str] | None"]
 V2 = "/sys/fs/cgroup"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Cpuset:
     """A cgroup cpuset that restricts this process, and the files it was read from."""
 
@@ -43,7 +43,7 @@ class Cpuset:
     mems_file: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CpuQuota:
     """A CFS bandwidth limit: `quota_us` of CPU time every `period_us`, for the cgroup."""
 

@@ -23,7 +23,7 @@ __all__ = ["CpuQuota", "CpuTopology", "Cpuset", "probe_cpus"]
 CPU = "sys/devices/system/cpu"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Core:
     """One physical core: its online hardware threads (hyperthread siblings), ascending."""
 
@@ -32,7 +32,7 @@ class Core:
     core_id: int | None  # topology/core_id as the kernel says; NOT unique across dies
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Package:
     """One socket: its online CPUs, ascending."""
 
@@ -40,7 +40,7 @@ class Package:
     physical_id: int | None  # physical_package_id; None where the kernel says -1
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CpuTopology:
     """What `probe_cpus` found. `usable` = affinity ∩ cpuset ∩ online."""
 

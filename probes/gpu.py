@@ -30,7 +30,7 @@ def as_dict(obj: Any) -> dict[str, Any]:
     return out
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MigDevice:
     """One MIG device; `index` is its NVML slot under the parent (slots can be sparse)."""
 
@@ -45,7 +45,7 @@ class MigDevice:
         return as_dict(self)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Gpu:
     """One physical GPU. `None` means NVML (or /proc) did not say: the field is absent."""
 

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from .gpu import Gpu
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class GpuReport:
     """What `probe_gpus` found: the GPUs this process may use, and how it knows."""
 

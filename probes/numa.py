@@ -14,7 +14,7 @@ from .sysfs import Root, as_root
 NODE = "sys/devices/system/node"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class NumaNode:
     """One NUMA node: its CPUs, its memory and its distance to every node."""
 
@@ -24,7 +24,7 @@ class NumaNode:
     distances: tuple[int, ...] | None  # to each node of NumaTopology.nodes, in that order
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class NumaTopology:
     """What `probe_numa` found: every node, and whether sysfs said or it was made up."""
 

@@ -130,7 +130,7 @@ def _parsed(text: str | None, parse: Callable[[str], list[int]]) -> list[int] | 
         return None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Mount:
     """One line of `/proc/self/mountinfo` (or `/proc/mounts`, which lacks `root`)."""
 
