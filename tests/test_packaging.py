@@ -12,6 +12,7 @@ from __future__ import annotations
 import configparser
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -24,6 +25,10 @@ from rpool_agent import config
 from rpool_agent.install import TARGETS, render_service, unit_text
 
 REPO = Path(__file__).resolve().parent.parent
+#: What a checkout holds beside its sources: virtual environments, git, build leftovers.
+_NOT_SOURCE = shutil.ignore_patterns(
+    ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "results"
+)
 UNITS = REPO / "rpool_agent" / "units"
 
 
@@ -244,8 +249,12 @@ def test_wheel_and_sdist_ship_the_units_and_run_from_a_fresh_venv(
     tmp_path: Path, system_tool
 ) -> None:
     dist = tmp_path / "dist"
+    # Built from a copy: setuptools stages the sdist and the egg-info inside the source
+    # tree, so two builds of one checkout at once (two suites run side by side) collided.
+    source = tmp_path / "source"
+    shutil.copytree(REPO, source, ignore=_NOT_SOURCE)
     build = subprocess.run(
-        [sys.executable, "-m", "build", "--outdir", str(dist), str(REPO)],
+        [sys.executable, "-m", "build", "--outdir", str(dist), str(source)],
         capture_output=True,
         text=True,
         timeout=300,
