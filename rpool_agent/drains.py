@@ -9,13 +9,12 @@ runs in a worker thread, never on the event loop; saves run one after another, i
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .statedir import open_regular, read_all, write_all
+from .statedir import open_regular, read_all, replace_file
 
 NAME = "drains.json"
 
@@ -55,7 +54,7 @@ class DrainStore:
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="rpool-drains")
-        job = self._pool.submit(_write_durably, self._dir_fd, NAME, data)
+        job = self._pool.submit(replace_file, self._dir_fd, NAME, data, durable=True)
         job.add_done_callback(self._saved)
 
     def _saved(self, job: Any) -> None:
@@ -69,17 +68,3 @@ class DrainStore:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-
-
-def _write_durably(dir_fd: int, name: str, data: bytes) -> None:
-    tmp = f".{name}.{os.getpid()}.tmp"
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp, dir_fd=dir_fd)
-    fd = open_regular(tmp, dir_fd, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-    try:
-        write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    os.fsync(dir_fd)

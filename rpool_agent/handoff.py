@@ -181,29 +181,6 @@ def _open_lease_dir(directory: str, mode: int) -> int:
     return fd
 
 
-def _write_at(dir_fd: int, name: str, text: str, owner: tuple[int, int] | None) -> None:
-    """Write `name` in the directory whole: a new temp file (O_EXCL | O_NOFOLLOW: never
-    an existing file or a link), its mode and owner set on the open descriptor, then
-    renamed over `name`."""
-    import secrets
-
-    tmp = f".{name}.{secrets.token_hex(4)}.tmp"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fchmod(fd, 0o600)
-            if owner is not None:
-                os.fchown(fd, *owner)
-        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp, dir_fd=dir_fd)
-        raise
-
-
 def _dump_nodes(pool: Pool) -> str:
     """The node form; for a lease without cpus, unchecked.
 
@@ -240,10 +217,12 @@ def write_lease_files(
         POOL_NAME: dumps(local, "canary"),
         POOL_NODES_NAME: _dump_nodes(_node_pool(doc, os.uname().nodename)),
     }
+    from .statedir import replace_file
+
     fd = _open_lease_dir(directory, 0o700 if owner is None else 0o711)
     try:
         for name, text in texts.items():
-            _write_at(fd, name, text, owner)
+            replace_file(fd, name, text.encode(), owner=owner)  # 0600, the holder's
     finally:
         os.close(fd)
     return LeaseFiles(

@@ -14,7 +14,6 @@ only there, and only by an agent configured with a `metrics_file`.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import stat
@@ -163,10 +162,11 @@ def _label(text: str, width: int = 120) -> str:
 
 def write_textfile(path: str, data: bytes) -> None:
     """Replace `path` with `data` atomically, as the textfile collector needs (it must
-    never read half a file). The temporary file is created exclusively, without
-    following links, in the target's directory, and renamed over the target relative to
-    an open descriptor of that directory. (prometheus-client's `write_to_textfile` opens
-    a predictable temporary name with plain `open`, which follows a planted link.)"""
+    never read half a file), through statedir.replace_file. (prometheus-client's
+    `write_to_textfile` opens a predictable temporary name with plain `open`, which
+    follows a planted link.)"""
+    from .statedir import replace_file
+
     directory, name = os.path.split(os.path.abspath(path))
     dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -176,22 +176,7 @@ def write_textfile(path: str, data: bytes) -> None:
                 raise OSError(errno.EEXIST, "exists and is not a regular file", path)
         except FileNotFoundError:
             pass
-        tmp = f".{name}.{os.getpid()}.tmp"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            fd = os.open(tmp, flags, 0o644, dir_fd=dfd)
-        except FileExistsError:  # left by an agent that died mid-write: ours to replace
-            os.unlink(tmp, dir_fd=dfd)
-            fd = os.open(tmp, flags, 0o644, dir_fd=dfd)
-        try:
-            os.fchmod(fd, 0o644)  # node_exporter reads it as another user, whatever our umask
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=dfd)
-            raise
+        replace_file(dfd, name, data, mode=0o644)  # node_exporter reads it as another user
     finally:
         os.close(dfd)
 

@@ -8,8 +8,10 @@ agent's start (an open() of a FIFO waits for a writer, and SIGTERM with it).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
+import secrets
 import stat
 import time
 from pathlib import Path
@@ -92,6 +94,44 @@ def write_new_file(dir_fd: int, name: str, data: bytes) -> None:
         write_all(fd, data)
     finally:
         os.close(fd)
+
+
+def replace_file(
+    dir_fd: int,
+    name: str,
+    data: bytes,
+    *,
+    mode: int = 0o600,
+    owner: tuple[int, int] | None = None,
+    durable: bool = False,
+) -> None:
+    """Replace `name` in the directory with `data`, whole: a reader sees the old file or
+    the new one, never half of one. The one way the agent does it (drains, metrics,
+    per-lease files): a new temporary file of a name nobody can guess (O_EXCL |
+    O_NOFOLLOW: never an existing file, never a link), its mode and owner set on the open
+    descriptor (the umask and a path a client may change play no part), renamed over
+    `name` relative to the directory's descriptor. `durable`: fsync the file and the
+    directory, for what must outlive a power loss."""
+    tmp = f".{name}.{secrets.token_hex(4)}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, mode, dir_fd=dir_fd)
+    try:
+        try:
+            write_all(fd, data)
+            os.fchmod(fd, mode)
+            if owner is not None:
+                os.fchown(fd, *owner)
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+    if durable:
+        os.fsync(dir_fd)
 
 
 def exists(name: str, dir_fd: int) -> bool:
