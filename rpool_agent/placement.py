@@ -83,20 +83,8 @@ class FreeIndex:
         if old is None or old == free:
             return
         node = self.node_of[pos]
-        bucket = self._buckets[node]
-        members = bucket[old]
-        if len(members) == 1:
-            del bucket[old]
-            keys = self._keys[node]
-            del keys[bisect_left(keys, old)]
-        else:
-            del members[bisect_left(members, pos)]
-        members = bucket.get(free)
-        if members is None:
-            bucket[free] = [pos]
-            insort(self._keys[node], free)
-        else:
-            insort(members, pos)
+        self._unfile(node, old, pos)
+        self._file(node, free, pos)
         self.free[pos] = free
         self.totals[node] += free - old
         self.total += free - old
