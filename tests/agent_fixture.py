@@ -112,6 +112,15 @@ def wait_for_socket(path: str, proc: subprocess.Popen[bytes] | None, timeout: fl
     raise TimeoutError(f"agent did not listen on {path}")
 
 
+def keys_anywhere(value: Any) -> set[str]:
+    """Every key of every object inside a reply: what a document must never leak."""
+    if isinstance(value, dict):
+        return set(value).union(*(keys_anywhere(v) for v in value.values()))
+    if isinstance(value, list):
+        return set().union(*(keys_anywhere(v) for v in value))
+    return set()
+
+
 def wait_until(predicate: Any, timeout: float = 10.0) -> float:
     """Poll `predicate` (a test's view of the agent) until true; AssertionError on timeout.
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_fixture import gpu_pool, running_agent, wait_until
+from agent_fixture import gpu_pool, keys_anywhere, running_agent, wait_until
 from other_user import AsUser, Report
 
 import rpool_agent.handoff  # noqa: F401  (loaded before a child drops privileges)
@@ -60,14 +60,6 @@ def attempt(c: Client, op: str, **args: Any) -> dict[str, Any]:
         return {"ok": c.call(op, **args)}
     except RpoolAgentError as exc:
         return {"error": exc.code, "message": str(exc)}
-
-
-def keys_anywhere(obj: Any) -> set[str]:
-    if isinstance(obj, dict):
-        return set(obj).union(*(keys_anywhere(v) for v in obj.values()))
-    if isinstance(obj, list):
-        return set().union(*(keys_anywhere(v) for v in obj))
-    return set()
 
 
 # --- the socket -------------------------------------------------------------------------

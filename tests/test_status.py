@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_fixture import Agent, gpu_pool, running_agent, wait_until
+from agent_fixture import Agent, gpu_pool, keys_anywhere, running_agent, wait_until
 
 from rpool_agent.errors import RequestError
 from rpool_agent.status_text import format_age, render_status, short_uuid
@@ -34,14 +34,6 @@ LEASE = {"id", "label", "holder", "age_s", "resources", "stale"}
 WAITER = {"position", "holder", "label", "request", "request_text", "waited_s", "timeout_s"}
 INSTANCE = {"id", "slots", "used", "leases", "drained", "vanished"}
 INTERNAL = {"owner", "req_id", "granted_at", "since", "deadline", "token", "waiting_s"}
-
-
-def keys_anywhere(value: Any) -> set[str]:
-    if isinstance(value, dict):
-        return set(value).union(*(keys_anywhere(v) for v in value.values()))
-    if isinstance(value, list):
-        return set().union(*(keys_anywhere(v) for v in value))
-    return set()
 
 
 @contextmanager
