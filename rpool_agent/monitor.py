@@ -75,17 +75,11 @@ class Monitor:
         return self.status(limit=None if whole else limit)
 
     def _owner(self, conn: Any) -> bool:
-        """Root, the agent's own uid, or a member of its admin group (by the groups the
-        kernel recorded at connect(), as for drain)."""
+        """The agent's own uid, or an admin (root, the admin group: as for drain)."""
         peer = conn.peer
-        if peer is None or peer.uid < 0:
-            return False
-        if peer.uid in (0, os.geteuid()):
+        if peer is not None and peer.uid >= 0 and peer.uid == os.geteuid():
             return True
-        from .listener import peer_groups
-
-        admin = self.service.admin_gid
-        return admin is not None and admin in peer_groups(conn)
+        return bool(self.service.is_admin(conn))
 
     def status(self, now: float | None = None, *, limit: int | None = -1) -> dict[str, Any]:
         """The `status` reply: the agent's state as the documented schema; `limit`: leases

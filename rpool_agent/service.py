@@ -338,13 +338,17 @@ class Service:
         self._require_admin(conn)
         return self.reload()
 
-    def _require_admin(self, conn: Connection) -> None:
+    def is_admin(self, conn: Connection) -> bool:
+        """Root, or a member of the admin group (by the groups the kernel recorded at
+        connect())."""
         peer = conn.peer or Holder(-1, -1, -1)
         if peer.uid == 0:
-            return
-        if self.admin_gid is not None and self.admin_gid in peer_groups(conn):
-            return
-        raise PermissionDenied("this operation needs root or the agent's admin group")
+            return True
+        return self.admin_gid is not None and self.admin_gid in peer_groups(conn)
+
+    def _require_admin(self, conn: Connection) -> None:
+        if not self.is_admin(conn):
+            raise PermissionDenied("this operation needs root or the agent's admin group")
 
     # --- events -> connections ------------------------------------------------------------
 
