@@ -51,7 +51,6 @@ class Connection(asyncio.BufferedProtocol):
     number: int
     transport: asyncio.Transport | None = None
     peer: Holder | None = None
-    decoder: protocol.FrameDecoder = field(default_factory=protocol.FrameDecoder)
     greeted: bool = False
     counted_uid: int | None = None  # the uid whose connection count includes this one
     pending: dict[Any, Any] = field(default_factory=dict)  # call id -> its waiting acquire
@@ -62,9 +61,13 @@ class Connection(asyncio.BufferedProtocol):
     _handshake_timer: asyncio.TimerHandle | None = None
 
     owner: Owner = field(init=False)  # ("conn", number): the allocator's key for us
+    decoder: protocol.FrameDecoder = field(init=False)  # the agent's codec, its size limit
 
     def __post_init__(self) -> None:
         self.owner = ("conn", self.number)
+        self.decoder = protocol.FrameDecoder(
+            self.server.limits.max_message_bytes, codec.decode_frame
+        )
 
     # -- asyncio callbacks ---------------------------------------------------------------
 
@@ -76,9 +79,6 @@ class Connection(asyncio.BufferedProtocol):
             self.peer = peer_credentials(sock)
         except OSError:
             self.peer = Holder(-1, -1, -1)
-        self.decoder = protocol.FrameDecoder(
-            self.server.limits.max_message_bytes, codec.decode_frame
-        )
         if not self.server.admit(self):
             return
         loop = asyncio.get_running_loop()
